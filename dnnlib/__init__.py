@@ -1,0 +1,2 @@
+"""Small utilities shared by every room of the project (EDM's `dnnlib` name, kept for pickles)."""
+from .util import EasyDict, atomic_write, open_url, make_cache_dir_path  # noqa: F401
