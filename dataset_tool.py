@@ -1,0 +1,243 @@
+"""Make datasets in EDM's layout (uncompressed zip or folder, `00000/img00000000.png`, dataset.json).
+
+  python dataset_tool.py convert --source=cifar-10-python.tar.gz --dest=datasets/cifar10-32x32.zip
+  python dataset_tool.py convert --source=images/ --dest=data.zip --resolution=64x64 --transform=center-crop
+  python dataset_tool.py synth --dest=datasets/synth-32x32.zip --num=10000 --resolution=32 --seed=0
+"""
+import io
+import json
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import zipfile
+
+import click
+import numpy as np
+import PIL.Image
+from tqdm import tqdm
+
+from dnnlib import atomic_write
+from training.dataset import ImageFolderDataset, decode_image, is_image_file
+from training.synth import synth_image
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR-10 batches are pickled dicts of numpy arrays; resolve numpy reconstructors only."""
+    _allowed = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+                ('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.multiarray', 'scalar'),
+                ('numpy._core.multiarray', 'scalar'), ('_codecs', 'encode')}  # bytes in protocol-2 pickles
+
+    def find_class(self, module, name):
+        if (module, name) not in self._allowed:
+            raise pickle.UnpicklingError(f'CIFAR-10 batch references {module}.{name}, which is not allowed')
+        if module.startswith('numpy.core') and hasattr(np, '_core'):  # NumPy 2 renamed numpy.core
+            module = 'numpy._core' + module[len('numpy.core'):]
+        return super().find_class(module, name)
+
+
+def iterate_cifar10(path):
+    """(uint8 HWC image, label) for the 50,000 training images of cifar-10-python.tar.gz."""
+    try:
+        with tarfile.open(path, 'r:gz') as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for batch in range(1, 6):
+                name = f'cifar-10-batches-py/data_batch_{batch}'
+                if name not in members:
+                    raise click.ClickException(f'{path}: {name} missing; expected the CIFAR-10 python tarball')
+                data = _CifarUnpickler(tar.extractfile(members[name]), encoding='latin1').load()
+                images = np.asarray(data['data'], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                for img, label in zip(images, data['labels']):
+                    yield img, int(label)
+    except (tarfile.TarError, OSError, EOFError, KeyError) as err:
+        raise click.ClickException(f'{path}: cannot read CIFAR-10 tarball ({err})') from None
+
+
+def iterate_images(source, folder_labels):
+    """(uint8 HWC image, label or None) from a folder or an EDM zip (labels from its dataset.json)."""
+    if os.path.isfile(source) and zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as zf:
+            names = sorted(n for n in zf.namelist() if is_image_file(n))
+            labels = json.loads(zf.read('dataset.json')).get('labels') if 'dataset.json' in zf.namelist() else None
+            labels = dict(labels) if labels else {}
+            for name in names:
+                yield decode_image(zf.read(name), f'{source}: {name}').transpose(1, 2, 0), labels.get(name)
+        return
+    if not os.path.isdir(source):
+        raise click.ClickException(f'--source={source}: expected a folder, an EDM zip or cifar-10-python.tar.gz')
+    names = sorted(os.path.relpath(os.path.join(r, f), source).replace('\\', '/')
+                   for r, _d, files in os.walk(source) for f in files if is_image_file(f))
+    labels = {}
+    if os.path.isfile(os.path.join(source, 'dataset.json')):
+        with open(os.path.join(source, 'dataset.json')) as f:
+            labels = dict(json.load(f).get('labels') or [])
+    elif folder_labels:
+        classes = sorted({n.split('/')[0] for n in names if '/' in n})
+        if not classes:
+            raise click.ClickException(f'--folder-labels: {source} has no sub-folders to take classes from')
+        labels = {n: classes.index(n.split('/')[0]) for n in names if '/' in n}
+    for name in names:
+        with open(os.path.join(source, name), 'rb') as f:
+            yield decode_image(f.read(), f'{source}: {name}').transpose(1, 2, 0), labels.get(name)
+
+
+def make_transform(resolution, transform):
+    """Resize (Lanczos) to WxH, optionally after a centre crop; None keeps the original size."""
+    def apply(img):
+        if transform in ('center-crop', 'center-crop-wide'):
+            h, w = img.shape[:2]
+            if transform == 'center-crop':
+                ch = cw = min(h, w)
+            else:  # keep the output aspect ratio, as wide as the image allows
+                ow, oh = resolution
+                cw, ch = (w, min(h, round(w * oh / ow))) if w * oh <= h * ow else (min(w, round(h * ow / oh)), h)
+            top, left = (h - ch) // 2, (w - cw) // 2
+            img = img[top:top + ch, left:left + cw]
+        if resolution is None or (img.shape[1], img.shape[0]) == tuple(resolution):
+            return img
+        pil = PIL.Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
+        out = np.asarray(pil.resize(tuple(resolution), PIL.Image.LANCZOS))
+        return out[:, :, None] if out.ndim == 2 else out
+    if transform is not None and resolution is None:
+        raise click.ClickException(f'--transform={transform} requires --resolution=WxH')
+    return apply
+
+
+class DatasetWriter:
+    """Writes EDM's layout to a zip (STORED, atomically renamed into place) or a folder."""
+
+    def __init__(self, dest, force):
+        self.dest = dest
+        self.is_zip = dest.lower().endswith('.zip')
+        if os.path.exists(dest):
+            if not force:
+                raise click.ClickException(f'--dest={dest} already exists; pass --force to overwrite it')
+            if os.path.isdir(dest) and not self.is_zip:
+                shutil.rmtree(dest)
+        self.labels = []
+        self.shape = None
+        if self.is_zip:
+            self._ctx = atomic_write(dest)
+            self._zip = zipfile.ZipFile(self._ctx.__enter__(), 'w', compression=zipfile.ZIP_STORED)
+        else:
+            self._tmpdir = tempfile.mkdtemp(prefix='.dataset-', dir=os.path.dirname(os.path.abspath(dest)))
+
+    def add(self, img, label, source_name):
+        if img.shape[2] not in (1, 3):
+            raise click.ClickException(f'{source_name}: {img.shape[2]} channels; only 1 or 3 are supported')
+        if self.shape is None:
+            self.shape = img.shape
+        elif img.shape != self.shape:
+            raise click.ClickException(f'{source_name}: size {img.shape[1]}x{img.shape[0]}x{img.shape[2]} differs from '
+                                       f'the first image ({self.shape[1]}x{self.shape[0]}x{self.shape[2]}); '
+                                       f'use --resolution=WxH to resize all images')
+        idx = len(self.labels)
+        name = f'{idx:08d}'[:5] + f'/img{idx:08d}.png'
+        buf = io.BytesIO()
+        PIL.Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(buf, format='png', compress_level=0,
+                                                                           optimize=False)
+        self._write(name, buf.getvalue())
+        self.labels.append([name, label])
+
+    def _write(self, name, data):
+        if self.is_zip:  # fixed timestamp: the same content gives the same bytes
+            self._zip.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+        else:
+            path = os.path.join(self._tmpdir, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, 'wb') as f:
+                f.write(data)
+
+    def close(self):
+        if not self.labels:
+            raise click.ClickException('no images were written: the source is empty')
+        has_labels = all(label is not None for _, label in self.labels)
+        self._write('dataset.json', json.dumps({'labels': self.labels if has_labels else None}).encode())
+        if self.is_zip:
+            self._zip.close()
+            self._ctx.__exit__(None, None, None)
+        else:
+            if os.path.exists(self.dest):
+                shutil.rmtree(self.dest)
+            os.replace(self._tmpdir, self.dest)
+
+    def abort(self):
+        if self.is_zip:
+            self._zip.close()
+            self._ctx.__exit__(RuntimeError, RuntimeError('aborted'), None)
+        else:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def write_dataset(items, dest, force, total=None, desc='images'):
+    writer = DatasetWriter(dest, force)
+    try:
+        for i, (img, label) in enumerate(tqdm(items, total=total, desc=desc, unit='img')):
+            writer.add(img, label, f'image #{i}')
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return len(writer.labels)
+
+
+def parse_resolution(value):
+    if value is None:
+        return None
+    try:
+        w, h = (int(v) for v in value.lower().split('x'))
+    except ValueError:
+        raise click.BadParameter(f'expected WxH, e.g. 32x32, got {value!r}', param_hint='--resolution') from None
+    return w, h
+
+
+@click.group()
+def cli():
+    """Dataset preparation in EDM's format."""
+
+
+@cli.command()
+@click.option('--source', help='Folder, EDM zip, or cifar-10-python.tar.gz', required=True, metavar='PATH')
+@click.option('--dest', help='Output zip (*.zip) or folder', required=True, metavar='PATH')
+@click.option('--resolution', help='Output size WxH (Lanczos resize)', metavar='WxH')
+@click.option('--transform', help='Crop before resizing', type=click.Choice(['center-crop', 'center-crop-wide']))
+@click.option('--max-images', help='Stop after this many images', type=click.IntRange(min=1))
+@click.option('--folder-labels', help='Folder source: class = sorted top-level sub-folder name', is_flag=True)
+@click.option('--force', help='Overwrite an existing destination', is_flag=True)
+def convert(source, dest, resolution, transform, max_images, folder_labels, force):
+    """Convert images (folder / zip / CIFAR-10 tarball) to EDM's dataset layout."""
+    if not os.path.exists(source):
+        raise click.ClickException(f'--source={source} does not exist')
+    resize = make_transform(parse_resolution(resolution), transform)
+    if source.endswith(('.tar.gz', '.tgz')):
+        items, total = iterate_cifar10(source), 50000
+    else:
+        items, total = iterate_images(source, folder_labels), None
+    if max_images is not None:
+        total = min(total, max_images) if total else max_images
+
+    def transformed():
+        for i, (img, label) in enumerate(items):
+            if max_images is not None and i >= max_images:
+                return
+            yield resize(img), label
+    n = write_dataset(transformed(), dest, force, total=total)
+    click.echo(f'Wrote {n} images to {dest}')
+
+
+@cli.command()
+@click.option('--dest', help='Output zip (*.zip) or folder', required=True, metavar='PATH')
+@click.option('--num', help='Number of images', type=click.IntRange(min=1), default=10000, show_default=True)
+@click.option('--resolution', help='Image size', type=click.IntRange(min=8), default=32, show_default=True)
+@click.option('--seed', help='Random seed', type=int, default=0, show_default=True)
+@click.option('--force', help='Overwrite an existing destination', is_flag=True)
+def synth(dest, num, resolution, seed, force):
+    """Write the built-in procedural 10-class dataset (byte-identical for a seed)."""
+    items = (synth_image(seed, i, resolution) for i in range(num))
+    n = write_dataset(items, dest, force, total=num, desc='synth')
+    click.echo(f'Wrote {n} synthetic images ({resolution}x{resolution}, 10 classes, seed {seed}) to {dest}')
+
+
+if __name__ == '__main__':
+    cli()
