@@ -83,7 +83,7 @@ def parse_str_list(value):
 @click.option('--dump', help='Ticks per training-state dump', type=click.IntRange(min=1))
 @click.option('--seed', help='Random seed', type=int)
 @click.option('--resume', help='training-state-*.pt, a run dir, or auto (newest under --outdir)', metavar='PT|DIR|auto')
-@click.option('--metrics', help='Evaluate at every snapshot: fid10k, fid50k', callback=lambda c, p, v: parse_str_list(v))
+@click.option('--metrics', help='Evaluate the EMA generator at every snapshot: fid50k, fid10k, fid<N>', callback=lambda c, p, v: parse_str_list(v))
 @click.option('--metric-ref', help='FID reference statistics (EDM npz) for --metrics', metavar='NPZ|URL')
 @click.option('--desc', help='String to include in the run directory name')
 @click.option('--nosubdir', help='Write directly into --outdir', is_flag=True, default=None)
@@ -96,9 +96,12 @@ def main(dry_run, **opts):
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     if cfg.metrics:
-        bad = [m for m in cfg.metrics if m not in ('fid10k', 'fid50k')]
-        if bad:
-            raise click.ClickException(f'--metrics: unknown metric(s) {bad}; choose fid10k and/or fid50k')
+        from training.training_loop import metric_num_images
+        for name in cfg.metrics:
+            try:
+                metric_num_images(name)
+            except ValueError as err:
+                raise click.ClickException(str(err)) from None
         if not cfg.metric_ref:
             raise click.ClickException('--metrics needs --metric-ref=NPZ (reference statistics, e.g. from fid.py ref)')
     if cfg.resume and cfg.transfer and cfg.resume != 'auto':

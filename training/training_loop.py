@@ -174,6 +174,19 @@ class TickStats:
         return dict(zip(keys, means.tolist()))
 
 
+def check_ranks_identical(tensors, log):
+    """Every rank must hold the same weights (EDM checks this before each snapshot). D's BatchNorm running
+    statistics are per-rank by design (per-GPU batch statistics, as the official) and are not compared."""
+    mismatches = torch.zeros([])
+    for tensor in tensors:
+        other = dist.broadcast(tensor.detach().clone())
+        mismatches += float(not torch.equal(other, tensor.detach()))
+    mismatches = dist.all_reduce_sum(mismatches.to(dist.device()))
+    if mismatches.item() > 0:
+        raise RuntimeError(f'{int(mismatches.item())} tensors differ between ranks')
+    log(f'Checked {dist.world_size()} ranks: ranks hold identical parameters')
+
+
 def rng_state():
     return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 numpy=np.random.get_state()[1].tolist(), numpy_pos=int(np.random.get_state()[2]),
@@ -204,6 +217,14 @@ def make_run_dir(cfg, dataset, world, batch):
     desc = (f'{dataset.name}-{"cond" if cfg.cond else "uncond"}-{cfg.arch or "transfer"}-{cfg.precond}-{cfg.loss}-'
             f'gpus{world}-batch{batch}-{cfg.precision}' + (f'-{cfg.desc}' if cfg.desc else ''))
     return os.path.join(cfg.outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+
+
+def metric_num_images(name):
+    """'fid50k' → 50000, 'fid10k' → 10000, 'fid500' → 500 (FID over that many generated images)."""
+    m = re.fullmatch(r'fid(\d+)(k?)', name)
+    if not m or int(m.group(1)) < 2:
+        raise ValueError(f'--metrics: unknown metric {name!r}; expected fid50k, fid10k or fid<N>[k]')
+    return int(m.group(1)) * (1000 if m.group(2) else 1)
 
 
 def find_resume_state(cfg):
@@ -304,6 +325,7 @@ def run(cfg):
         trainable = freeze.select_trainable(G, level=cfg.freeze, train_groups=cfg.train_groups)
         log(freeze.freeze_table(G, [n for n, _ in trainable]))
         g_params = [p for _, p in trainable]
+        trainable_share = sum(p.numel() for p in g_params) / sum(p.numel() for p in G.parameters())
         opt_g = torch.optim.Adam(g_params, lr=cfg.lr, betas=ADAM_BETAS if gan else (0.9, 0.999), eps=1e-8,
                                  foreach=True)
 
@@ -344,6 +366,7 @@ def run(cfg):
             with dnnlib.atomic_write(os.path.join(run_dir, 'training_options.json'), 'w') as f:
                 json.dump(dict(dataclasses.asdict(cfg), run_dir=run_dir, world_size=world, batch_gpu=batch_gpu,
                                rounds=rounds, adv_scale_effective=adv_scale,
+                               trainable_share=trainable_share,
                                d_weights_info=getattr(D, 'weights_info', None)), f, indent=2)
 
         sampler = InfiniteSampler(len(dataset), rank, world, cfg.seed, start=batch_idx * rounds * batch_gpu)
@@ -384,6 +407,9 @@ def run(cfg):
 
         def save_outputs(snapshot, dump):
             kimg = cur_nimg // 1000
+            if snapshot and world > 1:
+                check_ranks_identical(list(G.state_dict().values()) + list(ema.state_dict().values()) +
+                                      (list(D.parameters()) if gan else []), log)
             if snapshot and rank == 0:
                 snap = dict(ema=copy.deepcopy(ema).cpu(), net=copy.deepcopy(G).eval().requires_grad_(False).cpu(),
                             augment_pipe=None, dataset_kwargs=dataset.dataset_kwargs())
@@ -426,7 +452,7 @@ def run(cfg):
                 return
             from metrics import evaluate_generator
             for name in cfg.metrics:
-                num = {'fid10k': 10000, 'fid50k': 50000}[name]
+                num = metric_num_images(name)
                 sample_fn = lambda seeds: sample_uint8(seeds)  # noqa: E731
                 result = evaluate_generator(ema, cfg.metric_ref, num_images=num, batch=batch_gpu, device=device,
                                             sample_fn=sample_fn)

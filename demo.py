@@ -1,0 +1,196 @@
+"""`make demo`: D2O end to end on two CPU cores, as a small-scale reproduction of the paper's claim.
+
+A diffusion teacher (trained by this project's own train.py, `make teacher`) becomes a one-step
+generator by GAN-only fine-tuning, with (D2O-F) and without (D2O) frozen convolutions, against a
+discriminator on real pretrained EfficientNet-lite0 features; everything is measured with real
+Inception FID on the same number of images. Every stage calls the same CLIs users run.
+
+  python demo.py --outdir=demo-out                 # the demo (uses demo/teacher-synth32.pkl)
+  python demo.py --outdir=demo-out --make-teacher  # re-train the committed teacher (slow)
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import click
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TEACHER = os.path.join(ROOT, 'demo', 'teacher-synth32.pkl')
+# The exact command that produced the committed teacher (`make teacher` re-runs it).
+TEACHER_ARGS = ['--loss=edm', '--precond=edm', '--arch=ncsnpp', '--cbase=32', '--cres=1,2,2', '--dropout=0',
+                '--batch=64', '--lr=2e-3', '--lr-rampup=20', '--ema=0.05', '--ema-warmup=0.1', '--duration=0.3',
+                '--tick=10', '--snap=10', '--dump=10', '--seed=0', '--workers=0']
+
+
+def run(stage, args, log):
+    """Run one of the project's CLIs in a subprocess, streaming its output; fail loudly."""
+    cmd = [sys.executable] + args
+    log(f'$ {" ".join(cmd)}')
+    t0 = time.time()
+    res = subprocess.run(cmd, cwd=ROOT)
+    if res.returncode != 0:
+        raise click.ClickException(f'stage "{stage}" failed (exit code {res.returncode}): {" ".join(cmd)}')
+    return time.time() - t0
+
+
+def read_fid(path):
+    with open(path) as f:
+        return json.load(f)['fid']
+
+
+def load_grid_tiles(folder, n):
+    files = sorted(f for f in os.listdir(folder) if f.endswith('.png'))[:n]
+    return [np.asarray(PIL.Image.open(os.path.join(folder, f)).convert('RGB')) for f in files]
+
+
+def tile(images, cols):
+    rows = (len(images) + cols - 1) // cols
+    h, w = images[0].shape[:2]
+    canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        canvas[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
+    return canvas
+
+
+def side_by_side(panels, path, scale=2):
+    """Label + grid per panel, left to right."""
+    pad, title_h = 8, 18
+    grids = [PIL.Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), PIL.Image.NEAREST)
+             for _, g in panels]
+    width = sum(g.width for g in grids) + pad * (len(grids) + 1)
+    height = max(g.height for g in grids) + title_h + 2 * pad
+    canvas = PIL.Image.new('RGB', (width, height), 'white')
+    draw = PIL.ImageDraw.Draw(canvas)
+    x = pad
+    for (title, _), g in zip(panels, grids):
+        draw.text((x, pad // 2), title, fill='black')
+        canvas.paste(g, (x, title_h + pad))
+        x += g.width + pad
+    canvas.save(path)
+
+
+def plot_curves(curves, path, title):
+    """A small line plot (PIL only): FID versus training images for each run."""
+    W, H, L, B, T, R = 640, 400, 60, 40, 30, 150
+    canvas = PIL.Image.new('RGB', (W, H), 'white')
+    draw = PIL.ImageDraw.Draw(canvas)
+    xs = [x for pts in curves.values() for x, _ in pts]
+    ys = [y for pts in curves.values() for _, y in pts]
+    x0, x1 = 0, max(xs) or 1
+    y0, y1 = 0, max(ys) * 1.05
+    def px(x, y):
+        return L + (x - x0) / (x1 - x0) * (W - L - R), H - B - (y - y0) / (y1 - y0) * (H - B - T)
+    draw.line([px(x0, y0), px(x1, y0)], fill='black')
+    draw.line([px(x0, y0), px(x0, y1)], fill='black')
+    for k in range(5):
+        yv = y0 + (y1 - y0) * k / 4
+        draw.text((5, px(0, yv)[1] - 6), f'{yv:.0f}', fill='black')
+        xv = x0 + (x1 - x0) * k / 4
+        draw.text((px(xv, 0)[0] - 10, H - B + 5), f'{xv:.0f}', fill='black')
+    draw.text((L, 8), title, fill='black')
+    draw.text((W // 2 - 60, H - 15), 'training images', fill='black')
+    colours = ['#d62728', '#1f77b4', '#2ca02c', '#9467bd', '#ff7f0e']
+    for i, (name, pts) in enumerate(curves.items()):
+        c = colours[i % len(colours)]
+        pts = sorted(pts)
+        if len(pts) > 1:
+            draw.line([px(*p) for p in pts], fill=c, width=2)
+        for p in pts:
+            x, y = px(*p)
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+        draw.text((W - R + 10, T + 20 * i), name, fill=c)
+    canvas.save(path)
+
+
+@click.command()
+@click.option('--outdir', default='demo-out', show_default=True)
+@click.option('--num-fid', help='Images per FID (all FIDs use the same N)', default=500, show_default=True)
+@click.option('--kimg', help='Fine-tuning length of each D2O run (kimg)', default=0.8, show_default=True)
+@click.option('--batch', help='D2O batch size', default=8, show_default=True)
+@click.option('--seed', default=0, show_default=True)
+@click.option('--make-teacher', help='Re-train the committed teacher instead of running the demo', is_flag=True)
+def main(outdir, num_fid, kimg, batch, seed, make_teacher):
+    """Run the whole D2O pipeline at small scale on the CPU and write demo-out/report.md."""
+    os.makedirs(outdir, exist_ok=True)
+    t_start = time.time()
+    timings = {}
+    log = lambda msg: print(f'[demo {time.time() - t_start:6.0f}s] {msg}', flush=True)  # noqa: E731
+    data = os.path.join(outdir, 'synth-32x32.zip')
+    ref_data = os.path.join(outdir, 'synth-ref-32x32.zip')
+
+    log('Stage 1/5: built-in synth dataset (10 classes, 32x32)')
+    t = time.time()
+    if not os.path.exists(data):
+        run('data', ['dataset_tool.py', 'synth', f'--dest={data}', '--num=10000', '--resolution=32', f'--seed={seed}'], log)
+    if not os.path.exists(ref_data):
+        run('data', ['dataset_tool.py', 'synth', f'--dest={ref_data}', f'--num={num_fid}', '--resolution=32',
+                     f'--seed={seed + 1}'], log)
+    timings['dataset'] = time.time() - t
+
+    if make_teacher:
+        log('Training the teacher diffusion model with train.py --loss=edm (this takes a while on a CPU)')
+        runs = os.path.join(outdir, 'teacher-run')
+        shutil.rmtree(runs, ignore_errors=True)
+        run('teacher', ['train.py', f'--outdir={runs}', f'--data={data}', '--nosubdir'] + TEACHER_ARGS, log)
+        snaps = sorted(f for f in os.listdir(runs) if f.startswith('network-snapshot-') and f[-4:] == '.pkl')
+        from training import checkpoint
+        snap = checkpoint.load_snapshot(os.path.join(runs, snaps[-1]))
+        os.makedirs(os.path.dirname(TEACHER), exist_ok=True)
+        checkpoint.save_snapshot(TEACHER, dict(ema=snap['ema'], dataset_kwargs=snap['dataset_kwargs']))
+        log(f'Wrote {TEACHER} ({os.path.getsize(TEACHER) / 2**20:.1f} MiB) from {snaps[-1]}')
+        return
+
+    if not os.path.exists(TEACHER):
+        raise click.ClickException(f'{TEACHER} is missing; run `make teacher` to train it')
+
+    log(f'Stage 2/5: FID reference statistics over {num_fid} held-out real images')
+    ref = os.path.join(outdir, 'ref.npz')
+    timings['fid_ref'] = run('ref', ['fid.py', 'ref', f'--data={ref_data}', f'--dest={ref}'], log)
+
+    def fid_of(name, gen_args):
+        folder = os.path.join(outdir, 'images', name)
+        shutil.rmtree(folder, ignore_errors=True)
+        t_gen = run(f'generate {name}', ['generate.py', f'--outdir={folder}', f'--seeds=0-{num_fid - 1}',
+                                         '--batch=100'] + gen_args, log)
+        result = os.path.join(outdir, f'fid-{name}.json')
+        t_fid = run(f'fid {name}', ['fid.py', 'calc', f'--images={folder}', f'--ref={ref}', f'--num={num_fid}',
+                                    f'--json={result}'], log)
+        fid = read_fid(result)
+        log(f'FID {name}: {fid:.2f} (generate {t_gen:.0f}s, FID {t_fid:.0f}s)')
+        return fid, t_gen + t_fid
+
+    log('Stage 3/5: the teacher, 18-step Heun (35 NFE) and a single step (1 NFE)')
+    teacher35, timings['teacher_35nfe'] = fid_of('teacher-35nfe', [f'--network={TEACHER}', '--sampler=heun',
+                                                                   '--steps=18'])
+    teacher1, timings['teacher_1nfe'] = fid_of('teacher-1nfe', [f'--network={TEACHER}', '--sampler=onestep'])
+
+    log('Stage 4/5: GAN-only fine-tuning (EfficientNet-lite0 pretrained features): D2O-F (freeze 1), D2O')
+    runs = {}
+    for name, freeze in (('d2o-f', 1), ('d2o', 0)):
+        run_dir = os.path.join(outdir, 'runs', name)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        t = time.time()
+        run(name, ['train.py', f'--outdir={run_dir}', '--nosubdir', f'--data={data}', f'--transfer={TEACHER}',
+                   f'--freeze={freeze}', '--backbone=3', f'--batch={batch}', f'--duration={kimg / 1000}',
+                   f'--tick={kimg / 4}', '--snap=1', '--dump=4', f'--seed={seed}', '--workers=0',
+                   f'--metrics=fid{num_fid}', f'--metric-ref={ref}'], log)
+        timings[f'train_{name}'] = time.time() - t
+        with open(os.path.join(run_dir, f'metric-fid{num_fid}.jsonl')) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        with open(os.path.join(run_dir, 'training_options.json')) as f:
+            opts = json.load(f)
+        runs[name] = dict(run_dir=run_dir, records=records, fid=records[-1]['fid'],
+                          trainable_share=opts.get('trainable_share'))
+
+    log('Stage 5/5: grids, plot, report')
+    ...
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,188 @@
+"""End-to-end tests of the training loop on tiny configs (CPU, seconds each)."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from training import checkpoint, training_loop
+from training.config import make_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_G = dict(arch='ncsnpp', cbase=8, cres=[1, 2])
+TINY_D = dict(backbone=3, d_pretrained=False)
+
+
+def tiny_config(tmp_path, data, **kw):
+    opts = dict(outdir=str(tmp_path / 'runs'), data=str(data), batch=4, duration=4 * 3 / 1e6, tick=0.004, snap=1,
+                dump=1, workers=0, seed=1, grid_seeds=4, lr=1e-3, dlr=1e-3, r1_gamma=1.0, nosubdir=True,
+                **TINY_G, **TINY_D)
+    opts.update(kw)
+    return make_config(**opts)
+
+
+def run_dir_files(run_dir):
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, '*')))
+
+
+@pytest.fixture(scope='module')
+def tiny_teacher(tmp_path_factory, synth_zip):
+    """A tiny EDM teacher made with the loop's own diffusion mode (one snapshot)."""
+    tmp = tmp_path_factory.mktemp('teacher')
+    cfg = tiny_config(tmp, synth_zip, loss='edm', precond='edm', duration=8 / 1e6, batch=8, lr=1e-3)
+    run_dir = training_loop.run(cfg)
+    snaps = sorted(glob.glob(os.path.join(run_dir, 'network-snapshot-*.pkl')))
+    assert snaps
+    return snaps[-1]
+
+
+def test_d2o_run_writes_every_artefact_and_loads(tmp_path, synth_zip, tiny_teacher):
+    cfg = tiny_config(tmp_path, synth_zip, transfer=tiny_teacher, arch=None, cbase=None, cres=None, freeze=1)
+    run_dir = training_loop.run(cfg)
+    files = run_dir_files(run_dir)
+    for name in ('training_options.json', 'log.txt', 'stats.jsonl', 'network-snapshot-000000.pkl',
+                 'training-state-000000.pt', 'fakes-000000.png'):
+        assert name in files, (name, files)
+    stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert stats[-1]['kimg'] == pytest.approx(0.012)
+    for key in ('sec_per_kimg', 'cpu_mem_gb'):
+        assert key in stats[-1]
+    options = json.load(open(os.path.join(run_dir, 'training_options.json')))
+    assert options['freeze'] == 1 and 0 < options['trainable_share'] < 0.5
+    assert 'random' in json.dumps(options['d_weights_info']).lower()  # pretrained=False is recorded
+    net = checkpoint.load_network(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
+    assert type(net).__name__ == 'D2OPrecond'
+    out = tmp_path / 'gen'
+    res = subprocess.run([sys.executable, 'generate.py', f'--network={run_dir}/network-snapshot-000000.pkl',
+                          '--seeds=0-2', f'--outdir={out}'], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert len(glob.glob(str(out / '*.png'))) == 3
+    # A training state holds no pickled code: it loads with weights_only=True.
+    state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
+    assert state['cur_nimg'] == 12 and state['batch_idx'] == 3
+
+
+def _state(run_dir):
+    states = sorted(glob.glob(os.path.join(run_dir, 'training-state-*.pt')))
+    return torch.load(states[-1], weights_only=True)
+
+
+def _assert_states_equal(a, b):
+    for key in ('G', 'G_ema', 'D'):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f'{key}.{name} differs'
+    for key in ('opt_G', 'opt_D'):
+        for idx, sa in a[key]['state'].items():
+            for name, tensor in sa.items():
+                assert torch.equal(tensor, b[key]['state'][idx][name]), f'{key}[{idx}].{name} differs'
+    assert a['cur_nimg'] == b['cur_nimg'] and a['batch_idx'] == b['batch_idx']
+
+
+def test_resume_is_bitwise_exact(tmp_path, synth_zip):
+    # 18 iterations (R1 runs at 16) in one go, versus 10, stop, resume 8.
+    full = tiny_config(tmp_path / 'full', synth_zip, duration=4 * 18 / 1e6, tick=0.1)
+    _ = training_loop.run(full)
+    part = tiny_config(tmp_path / 'part', synth_zip, duration=4 * 10 / 1e6, tick=0.1)
+    part_dir = training_loop.run(part)
+    resumed = tiny_config(tmp_path / 'part', synth_zip, duration=4 * 18 / 1e6, tick=0.1, resume='auto')
+    assert training_loop.run(resumed) == part_dir
+    _assert_states_equal(_state(str(tmp_path / 'full' / 'runs')), _state(part_dir))
+    stats = [json.loads(line) for line in open(os.path.join(part_dir, 'stats.jsonl'))]
+    assert 'Loss/r1_penalty' in json.dumps(stats)
+
+
+def test_frozen_parameters_stay_and_trainable_ones_move(tmp_path, synth_zip, tiny_teacher):
+    from training import freeze
+    cfg = tiny_config(tmp_path, synth_zip, transfer=tiny_teacher, arch=None, cbase=None, cres=None, freeze=1,
+                      duration=4 * 2 / 1e6)
+    state = _state(training_loop.run(cfg))
+    teacher = checkpoint.load_network(tiny_teacher)
+    start = {k: v for k, v in teacher.state_dict().items() if not k.startswith('model.map_augment')}
+    G = checkpoint.build_network(state['G_record'])
+    trainable = {n for n, _ in freeze.select_trainable(G, level=1)}
+    assert 0 < len(trainable) < len(dict(G.named_parameters()))
+    for name, _ in G.named_parameters():
+        same = torch.equal(state['G'][name], start[name])
+        assert same == (name not in trainable), f'{name}: trainable={name in trainable} but unchanged={same}'
+
+
+def test_ema_update_matches_formula():
+    net = torch.nn.Linear(3, 2)
+    ema = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    beta = training_loop.update_ema(ema, net, cur_nimg=1000, batch=8, halflife_kimg=500, rampup_ratio=0.05)
+    h = min(500 * 1000, 1000 * 0.05)
+    assert beta == pytest.approx(0.5 ** (8 / h))
+    for pe, p0, pn in zip(ema.parameters(), before, net.parameters()):
+        torch.testing.assert_close(pe, pn + beta * (p0 - pn))
+    assert training_loop.update_ema(ema, net, cur_nimg=0, batch=8, halflife_kimg=500, rampup_ratio=0.05) == 0.0
+
+
+def test_injected_nan_is_counted_and_skipped(tmp_path, synth_zip, monkeypatch):
+    real = training_loop.losses.discriminator_loss
+    calls = {'n': 0}
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls['n'] += 1
+        return (loss * float('nan') if calls['n'] == 2 else loss), stats
+    monkeypatch.setattr(training_loop.losses, 'discriminator_loss', poisoned)
+    run_dir = training_loop.run(tiny_config(tmp_path, synth_zip, duration=4 * 3 / 1e6))
+    stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    skipped = sum(s.get('Skipped/D', 0) * (1 if s['tick'] == 0 else 2) for s in stats)
+    assert skipped == pytest.approx(1)
+    assert 'non-finite D' in open(os.path.join(run_dir, 'log.txt')).read()
+    state = _state(run_dir)
+    assert all(torch.isfinite(v).all() for v in state['D'].values() if v.is_floating_point())
+
+
+def test_too_many_nonfinite_steps_abort(tmp_path, synth_zip, monkeypatch):
+    real = training_loop.losses.generator_loss
+    monkeypatch.setattr(training_loop.losses, 'generator_loss',
+                        lambda *a, **k: (lambda r: (r[0] * float('nan'), r[1]))(real(*a, **k)))
+    with pytest.raises(FloatingPointError, match='max-nonfinite'):
+        training_loop.run(tiny_config(tmp_path, synth_zip, max_nonfinite=2))
+
+
+def test_edm_loss_goes_down_on_synth(tmp_path, synth_zip):
+    cfg = tiny_config(tmp_path, synth_zip, loss='edm', precond='edm', batch=16, duration=16 * 40 / 1e6, lr=2e-3,
+                      tick=16 * 10 / 1000)
+    run_dir = training_loop.run(cfg)
+    losses = [json.loads(line)['Loss/diffusion'] for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_transfer_rejects_contradicting_architecture(tmp_path, synth_zip, tiny_teacher):
+    cfg = tiny_config(tmp_path, synth_zip, transfer=tiny_teacher, arch='ncsnpp', cbase=16, cres=None)
+    with pytest.raises(ValueError, match='contradict'):
+        training_loop.run(cfg)
+
+
+def test_infinite_sampler_is_positional_and_rank_disjoint():
+    full = training_loop.InfiniteSampler(10, seed=3)
+    it = iter(full)
+    stream = [next(it) for _ in range(25)]
+    assert sorted(stream[:10]) == list(range(10))
+    resumed = iter(training_loop.InfiniteSampler(10, seed=3, start=7))
+    assert [next(resumed) for _ in range(18)] == stream[7:]
+    r0, r1 = iter(training_loop.InfiniteSampler(10, 0, 2, seed=3)), iter(training_loop.InfiniteSampler(10, 1, 2, seed=3))
+    assert sorted([next(r0) for _ in range(5)] + [next(r1) for _ in range(5)]) == list(range(10))
+
+
+def test_two_process_torchrun_keeps_ranks_identical(tmp_path, synth_zip):
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+           f'--outdir={out}', f'--data={synth_zip}', '--batch=4', '--duration=0.000016', '--tick=1', '--snap=1',
+           '--dump=1', '--workers=0', '--seed=2', '--arch=ncsnpp', '--cbase=8', '--cres=1,2', '--backbone=3',
+           '--d-pretrained=false', '--nosubdir']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert 'ranks hold identical parameters' in res.stdout + res.stderr
+    opts = json.load(open(out / 'training_options.json'))
+    assert opts['world_size'] == 2 and opts['batch_gpu'] == 2
