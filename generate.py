@@ -1,0 +1,187 @@
+"""Generate images with an EDM diffusion model or a D2O generator (EDM's generate.py interface).
+
+Examples:
+  python generate.py --network=d2o-cifar10.pkl --seeds=0-49999 --outdir=out.zip
+  torchrun --nproc_per_node=8 generate.py --network=edm-cifar10-32x32-cond-vp.pkl --seeds=0-63 --outdir=out
+"""
+import contextlib
+import io
+import os
+import re
+import zipfile
+
+import click
+import PIL.Image
+import torch
+import tqdm
+
+from dnnlib.util import atomic_write
+from torch_utils import distributed as dist
+from training.checkpoint import load_network
+from training.image_grid import save_image_grid
+from training.sampling import SAMPLERS, check_class_idx, default_sampler, generate_images, is_generator, rank_batches
+
+EDM_OPTIONS = ('sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise')
+GENERATOR_OPTIONS = ('middle_sigma', 'sigma_max')
+
+
+def parse_int_list(s):
+    """'0-3,7,10-11' → [0, 1, 2, 3, 7, 10, 11] (EDM's range syntax; non-negative integers)."""
+    values = []
+    for part in s.split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if not m:
+            raise ValueError(f'{part!r} is not a non-negative integer or a range A-B')
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ValueError(f'range {part!r} is empty (end before start)')
+        values.extend(range(lo, hi + 1))
+    return values
+
+
+def _seeds_option(ctx, param, value):
+    try:
+        seeds = parse_int_list(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    if len(set(seeds)) != len(seeds):
+        raise click.BadParameter('a seed is listed more than once (its images would overwrite each other)')
+    return seeds
+
+
+def image_name(seed, subdirs=False):
+    return (f'{seed - seed % 1000:06d}/' if subdirs else '') + f'{seed:06d}.png'
+
+
+def png_bytes(image):
+    """uint8 [H,W,C] numpy → PNG file contents."""
+    buf = io.BytesIO()
+    pil = PIL.Image.fromarray(image[:, :, 0], 'L') if image.shape[2] == 1 else PIL.Image.fromarray(image, 'RGB')
+    pil.save(buf, format='png')
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def image_writer(outdir):
+    """Yields write(name, data) into the folder `outdir` or, for a .zip path, into that archive: each rank
+    writes its own part atomically, then rank 0 merges the parts into the final zip atomically."""
+    if outdir is None:
+        yield lambda name, data: None
+    elif not outdir.lower().endswith('.zip'):
+        def write(name, data):
+            path = os.path.join(outdir, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, 'wb') as f:
+                f.write(data)
+        yield write
+    else:
+        world = dist.world_size()
+        parts = [outdir if world == 1 else f'{outdir}.part{r}-of-{world}' for r in range(world)]
+        with atomic_write(parts[dist.rank()]) as f, zipfile.ZipFile(f, 'w') as zf:
+            yield zf.writestr
+        dist.barrier()
+        if world > 1 and dist.rank() == 0:
+            with atomic_write(outdir) as f, zipfile.ZipFile(f, 'w') as zf:
+                for part in parts:
+                    with zipfile.ZipFile(part) as src:
+                        for name in src.namelist():
+                            zf.writestr(name, src.read(name))
+            for part in parts:
+                os.remove(part)
+
+
+def gather_images(local):
+    """{seed: image} from every rank, on rank 0 (None elsewhere)."""
+    if dist.world_size() == 1:
+        return local
+    parts = [None] * dist.world_size() if dist.rank() == 0 else None
+    torch.distributed.gather_object(local, parts, dst=0)
+    return {seed: image for part in parts for seed, image in part.items()} if dist.rank() == 0 else None
+
+
+@click.command()
+@click.option('--network', 'network_pkl', help='Network pickle path or URL', metavar='PKL|URL', required=True)
+@click.option('--outdir', help='Where to save the PNGs: a folder, or a .zip archive', metavar='DIR|ZIP')
+@click.option('--subdirs', help='Put images in subfolders of 1000 seeds', is_flag=True)
+@click.option('--seeds', help='Random seeds, e.g. 1,2,5-10', metavar='LIST', default='0-63', show_default=True,
+              callback=_seeds_option)
+@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',
+              type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--sampler', help='[default: onestep for D2O generators, heun otherwise]', type=click.Choice(SAMPLERS))
+@click.option('--steps', 'num_steps', help='Steps  [default: heun/euler 18, multistep 2]', metavar='INT',
+              type=click.IntRange(min=1))
+@click.option('--middle-sigma', help='Intermediate noise level of 2-step multistep  [default: 0.8]', metavar='FLOAT',
+              type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma-min', help='Lowest noise level  [default: 0.002]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma-max', help='Highest noise level  [default: 80]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--rho', help='Time step exponent  [default: 7]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--S-churn', 'S_churn', help='Stochasticity strength  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S-min', 'S_min', help='Stoch. min noise level  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S-max', 'S_max', help='Stoch. max noise level  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S-noise', 'S_noise', help='Stoch. noise inflation  [default: 1]', metavar='FLOAT', type=float)
+@click.option('--key', help='Snapshot entry to sample from', type=click.Choice(['ema', 'net']), default='ema', show_default=True)
+@click.option('--grid', help='Also save all images as one grid picture', metavar='PNG')
+@click.option('--device', help='Torch device  [default: cuda (per rank) if available, else cpu]', metavar='STR')
+@click.option('--allow-unsafe-pickle', help='Let the pickle run its own code (only for trusted files)', is_flag=True)
+def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, sampler, num_steps, key, grid, device,
+         allow_unsafe_pickle, **sampler_kwargs):
+    """Generate images with an EDM diffusion model (Heun/Euler) or a D2O generator (one/multi-step)."""
+    if outdir is None and grid is None:
+        raise click.UsageError('give --outdir, --grid, or both')
+    dist.init()
+    device = torch.device(device) if device else dist.device()
+
+    # Rank 0 loads first so a URL is downloaded into the cache once.
+    if dist.rank() != 0:
+        dist.barrier()
+    dist.print0(f'Loading network from "{network_pkl}"...')
+    net = load_network(network_pkl, key=key, allow_unsafe_pickle=allow_unsafe_pickle)
+    if dist.rank() == 0:
+        dist.barrier()
+    net = net.eval().requires_grad_(False).to(device)
+
+    try:
+        check_class_idx(net.label_dim, class_idx)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint='--class') from None
+    sampler = sampler or default_sampler(net)
+    if sampler == 'multistep' and not is_generator(net):
+        raise click.BadParameter(f'multistep needs a D2O generator (it passes sigma_next); '
+                                 f'{type(net).__name__} supports heun, euler or onestep', param_hint='--sampler')
+    if is_generator(net) != (sampler in ('onestep', 'multistep')):
+        dist.print0(f'Note: sampling {type(net).__name__} with --sampler={sampler} (its usual sampler is {default_sampler(net)}).')
+    if sampler == 'onestep' and num_steps not in (None, 1):
+        raise click.BadParameter('onestep takes exactly 1 step; use --sampler=multistep', param_hint='--steps')
+    if sampler in ('heun', 'euler') and num_steps == 1:
+        raise click.BadParameter(f'{sampler} needs at least 2 steps', param_hint='--steps')
+    allowed = EDM_OPTIONS if sampler in ('heun', 'euler') else GENERATOR_OPTIONS
+    sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    for k in sampler_kwargs:
+        if k not in allowed:
+            raise click.BadParameter(f'does not apply to --sampler={sampler}', param_hint='--' + k.replace('_', '-'))
+
+    rank, world = dist.rank(), dist.world_size()
+    dist.print0(f'Generating {len(seeds)} images with the {sampler} sampler to "{outdir or grid}"...')
+    images = generate_images(net, seeds, sampler=sampler, num_steps=num_steps, class_idx=class_idx,
+                             batch=max_batch_size, rank=rank, world_size=world, device=device, **sampler_kwargs)
+    kept = {}
+    with image_writer(outdir) as write:
+        for batch_seeds, batch_images in tqdm.tqdm(images, total=len(rank_batches(seeds, max_batch_size, rank, world)),
+                                                   unit='batch', disable=(rank != 0)):
+            for seed, image in zip(batch_seeds, batch_images.cpu().numpy()):
+                write(image_name(seed, subdirs), png_bytes(image))
+                if grid:
+                    kept[seed] = image
+
+    if grid:
+        kept = gather_images(kept)
+        if rank == 0:
+            save_image_grid([kept[seed] for seed in seeds], grid)
+    dist.barrier()
+    dist.print0('Done.')
+    dist.shutdown()
+
+
+if __name__ == '__main__':
+    main()

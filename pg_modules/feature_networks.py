@@ -1,0 +1,168 @@
+"""Frozen feature networks of the Projected-GAN discriminator (d2o-method.md §10, offline-weights.md §1.6).
+
+Each `FeatureNetwork` maps images in [−1, 1] at dataset resolution to 4 projected feature maps:
+DiffAugment (optional) → (x+1)/2 → per-network normalisation → bilinear resize to 224 → backbone stages →
+random CCM/CSM projection. Everything in it is frozen: parameters never require grad and it stays in eval mode
+whatever `train()` says, yet it is differentiable w.r.t. its input (G's loss and R1 need that)."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .diffaug import diff_augment
+from .projector import Projector, reset_conv_parameters_
+from .weights import load_pretrained
+
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+class Stages(nn.Module):
+    """Consecutive CNN stages; returns every stage's output."""
+    always_resize = False
+    input_size = 224
+
+    def __init__(self, stages):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x):
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+class ViTStages(nn.Module):
+    """DeiT tokens after blocks 2, 5, 8, 11 (cls + dist tokens dropped, reshaped to the patch grid), each through a
+    random frozen readout: 1×1 conv to 96/192/384/768 channels, then ConvT 4×4/4, ConvT 2×2/2, nothing, 3×3/2 conv.
+    The input is always resized to the model's own size (224), so the token grid equals the position-embedding
+    grid and the official per-call resize of the position embedding is the identity: it is not needed."""
+    always_resize = True
+
+    def __init__(self, vit, generator):
+        super().__init__()
+        if len(vit.blocks) != 12 or vit.num_prefix_tokens != 2:
+            raise ValueError(f'expected a distilled ViT with 12 blocks (got {len(vit.blocks)} blocks, '
+                             f'{vit.num_prefix_tokens} prefix tokens)')
+        self.patch_embed, self.norm_pre = vit.patch_embed, vit.norm_pre
+        self.cls_token, self.dist_token, self.pos_embed = vit.cls_token, vit.dist_token, vit.pos_embed
+        self.stages = nn.ModuleList(vit.blocks[i:i + 3] for i in (0, 3, 6, 9))
+        dim = vit.embed_dim
+        self.readouts = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(dim, 96, 1), nn.ConvTranspose2d(96, 96, 4, stride=4)),
+            nn.Sequential(nn.Conv2d(dim, 192, 1), nn.ConvTranspose2d(192, 192, 2, stride=2)),
+            nn.Conv2d(dim, 384, 1),
+            nn.Sequential(nn.Conv2d(dim, 768, 1), nn.Conv2d(768, 768, 3, stride=2, padding=1))])
+        reset_conv_parameters_(self.readouts, generator)
+        self.input_size = self.patch_embed.img_size[0]
+
+    def forward(self, x):
+        patch = self.patch_embed.patch_size
+        grid = (x.shape[2] // patch[0], x.shape[3] // patch[1])
+        prefix = torch.cat([self.cls_token, self.dist_token], dim=1).expand(x.shape[0], -1, -1)
+        tokens = self.norm_pre(torch.cat([prefix, self.patch_embed(x)], dim=1) + self.pos_embed)
+        feats = []
+        for stage, readout in zip(self.stages, self.readouts):
+            tokens = stage(tokens)
+            feats.append(readout(tokens[:, 2:].transpose(1, 2).unflatten(2, grid)))
+        return feats
+
+
+def _load_exactly(module, state, name, unexpected=()):
+    result = module.load_state_dict(state, strict=False)
+    unexpected = list(result.unexpected_keys) + list(unexpected)
+    if result.missing_keys or unexpected:
+        raise RuntimeError(f'the weights given for {name} do not fit its architecture: '
+                           f'{len(result.missing_keys)} missing keys {result.missing_keys[:5]}, '
+                           f'{len(unexpected)} unexpected keys {unexpected[:5]}')
+
+
+def _vgg16_bn(state, generator, **kwargs):
+    """torchvision vgg16_bn `features` only (the 124M-parameter classifier is never used), split [0:13],
+    [13:23], [23:33], [33:43] → 128, 256, 512, 512 channels at 1/2 … 1/16 of the input."""
+    import torchvision
+    if kwargs:
+        raise ValueError(f'vgg16_bn takes no constructor arguments, got {sorted(kwargs)}')
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs['D'], batch_norm=True)
+    if state is None:  # torchvision's VGG init: random features keep their scale through the 13 layers
+        for m in features.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                nn.init.zeros_(m.bias)
+    else:
+        _load_exactly(features, {k[len('features.'):]: v for k, v in state.items() if k.startswith('features.')},
+                      'vgg16_bn', [k for k in state if not k.startswith(('features.', 'classifier.'))])
+    return Stages([features[0:13], features[13:23], features[23:33], features[33:43]])
+
+
+def _tf_efficientnet_lite0(state, generator, **kwargs):
+    """timm tf_efficientnet_lite0 split (conv_stem, bn1, blocks[0:2]), blocks[2:3], blocks[3:5], blocks[5:]
+    → 24, 40, 112, 320 channels at 1/4 … 1/32. (timm ≥ 0.9: bn1 already applies the ReLU6; there is no act1.)"""
+    import timm
+    net = timm.create_model('tf_efficientnet_lite0', **kwargs)
+    # The converted weights are only right for the TF variant (TF-SAME padding, BN eps 1e-3); timm's
+    # `efficientnet_lite0` accepts the same keys but differs by up to 3 in logits (offline-weights.md §1.3).
+    if not (isinstance(net.conv_stem, timm.layers.Conv2dSame) and net.bn1.eps == 1e-3):
+        raise RuntimeError('timm tf_efficientnet_lite0 is no longer the TF variant (Conv2dSame stem, BN eps 1e-3); '
+                           'the EfficientNet-Lite0 weights would be wrong in it')
+    if state is not None:
+        _load_exactly(net, state, 'tf_efficientnet_lite0')
+    return Stages([nn.Sequential(net.conv_stem, net.bn1, *net.blocks[0:2]), net.blocks[2:3], net.blocks[3:5],
+                   net.blocks[5:]])
+
+
+def _deit_base_distilled(state, generator, **kwargs):
+    import timm
+    net = timm.create_model('deit_base_distilled_patch16_224', **kwargs)
+    if state is not None:
+        _load_exactly(net, state, 'deit_base_distilled_patch16_224')
+    return ViTStages(net, generator)
+
+
+# name: (builder(state or None, generator, **constructor kwargs), (mean, std), stage channels)
+FEATURE_NETWORKS = {
+    'vgg16_bn': (_vgg16_bn, IMAGENET_MEAN_STD, [128, 256, 512, 512]),
+    'tf_efficientnet_lite0': (_tf_efficientnet_lite0, HALF_MEAN_STD, [24, 40, 112, 320]),
+    'deit_base_distilled_patch16_224': (_deit_base_distilled, IMAGENET_MEAN_STD, [96, 192, 384, 768]),
+}
+
+
+class FeatureNetwork(nn.Module):
+    """One backbone's frozen path. `provenance` says where its weights came from (or that they are random)."""
+
+    def __init__(self, name, generator, pretrained=True, weights=None, interp224=True, diffaug=False, log=print,
+                 **kwargs):
+        super().__init__()
+        if name not in FEATURE_NETWORKS:
+            raise ValueError(f'unknown discriminator backbone {name!r}; expected one of {sorted(FEATURE_NETWORKS)}')
+        build, (mean, std), channels = FEATURE_NETWORKS[name]
+        if pretrained:
+            state, self.provenance = load_pretrained(name, weights, log)
+        else:
+            state, self.provenance = None, 'random (pretrained=False)'
+            log(f'D feature net {name}: RANDOM weights (pretrained=False)')
+        # Every random value here (projections, ViT readouts, the backbone when pretrained=False) derives from
+        # `generator`: identical on every rank. Layer constructors also draw default inits from the global RNG,
+        # so building happens in a forked, seeded RNG and leaves the caller's stream as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2 ** 62, [], generator=generator)))
+            self.body = build(state, generator, **kwargs)
+            self.projector = Projector(channels, generator)
+        self.register_buffer('mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.interp224, self.diffaug = interp224, diffaug
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen BatchNorm statistics, whatever the enclosing D's mode
+
+    def forward(self, x):
+        if self.diffaug:
+            x = diff_augment(x)
+        x = ((x + 1) / 2 - self.mean) / self.std
+        size = self.body.input_size
+        if x.shape[-2:] != (size, size) and (self.body.always_resize or (self.interp224 and x.shape[-1] < size)):
+            x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+        return self.projector(self.body(x))

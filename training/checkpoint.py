@@ -1,0 +1,354 @@
+"""Network checkpoints: EDM/D2O snapshot pickles (read safely by default), our own snapshots,
+constructor records for training states, and teacher → generator weight transfer.
+
+Safe loading (checkpoint-format.md §2.3–2.4): a restricted unpickler resolves only an allow-list of
+globals (tensor/storage rebuilders, numpy scalars, OrderedDict, ...). EDM's persistence global
+`torch_utils.persistence._reconstruct_persistent_obj` is mapped to `PersistentRecord`, which keeps the
+class name and instance dict and drops the embedded module source unread. Records of our network
+classes are then rebuilt from their constructor record (`_init_kwargs`) and filled by name with the
+pickled tensors; every other record (EDMLoss, AugmentPipe, ...) stays an inert record.
+"""
+import _codecs
+import collections
+import copy
+import dataclasses
+import importlib
+import io
+import math
+import pickle
+import re
+import types
+
+import numpy as np
+import torch
+
+import dnnlib
+from torch_utils import persistence
+from training import networks
+
+NETWORK_CLASSES = {obj.__name__: obj for obj in vars(networks).values() if isinstance(obj, type) and persistence.is_persistent(obj)}
+UNSAFE_HINT = ('If you trust this file, pass allow_unsafe_pickle=True (CLI: --allow-unsafe-pickle); that unpickles it '
+               'with plain pickle and runs any code it carries.')
+
+#----------------------------------------------------------------------------
+# Restricted unpickling.
+
+class PersistentRecord:
+    """A persistent object read in safe mode: class name + instance dict (plain data and tensors).
+    Nothing of it is executed; network records are turned into modules by `load_snapshot`."""
+
+    def __init__(self, class_name, state):
+        self.class_name = class_name
+        self.state = state
+
+    def __repr__(self):
+        return f'PersistentRecord({self.class_name!r})'
+
+
+class _ModuleDictRecord(PersistentRecord):
+    """Stands in for torch.nn.ModuleDict (`enc`/`dec`), which is pickled as NEWOBJ + BUILD."""
+
+    def __setstate__(self, state):
+        self.class_name = 'ModuleDict'
+        self.state = state
+
+
+def _record_persistent_obj(meta):
+    if not isinstance(meta, dict) or meta.get('type') != 'class' or meta.get('version') != persistence.FORMAT_VERSION:
+        raise pickle.UnpicklingError(f'Unsupported persistent object record (expected type \'class\', version '
+                                     f'{persistence.FORMAT_VERSION})')
+    if not isinstance(meta.get('class_name'), str) or not isinstance(meta.get('state'), dict):
+        raise pickle.UnpicklingError('Persistent object record lacks class_name/state')
+    return PersistentRecord(meta['class_name'], meta['state'])  # meta['module_src'] is never run
+
+
+def _load_storage_from_bytes(data):
+    # Each storage is a nested legacy torch.save stream (§2.5); read it with torch's own restricted loader.
+    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+
+
+def _numpy_scalar(multiarray):
+    def scalar(dtype, *args):
+        if dtype.hasobject:  # an object scalar would be built from raw bytes; snapshots only hold float64 scalars
+            raise pickle.UnpicklingError(f'refusing numpy scalar of object dtype {dtype}')
+        return multiarray.scalar(dtype, *args)
+    return scalar
+
+
+def _numpy_multiarray():
+    try:
+        return importlib.import_module('numpy._core.multiarray')  # NumPy >= 2
+    except ImportError:
+        return importlib.import_module('numpy.core.multiarray')
+
+
+def _allowed_globals():
+    multiarray = _numpy_multiarray()
+    allowed = {
+        ('torch_utils.persistence', '_reconstruct_persistent_obj'): _record_persistent_obj,
+        ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+        ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+        ('torch._utils', '_rebuild_parameter_with_state'): torch._utils._rebuild_parameter_with_state,
+        ('torch.storage', '_load_from_bytes'): _load_storage_from_bytes,
+        ('torch', 'Size'): torch.Size,
+        ('torch.nn.modules.container', 'ModuleDict'): _ModuleDictRecord,
+        ('collections', 'OrderedDict'): collections.OrderedDict,
+        ('builtins', 'set'): set,
+        ('__builtin__', 'set'): set,  # protocol-2 names (torch.save streams)
+        ('_codecs', 'encode'): _codecs.encode,  # how protocol 2 writes bytes
+        ('numpy', 'dtype'): np.dtype,
+        ('numpy', 'ndarray'): np.ndarray,
+        ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
+    }
+    for numpy_module in ('numpy.core.multiarray', 'numpy._core.multiarray'):  # NumPy 1 writes the first, NumPy 2 the second
+        allowed[(numpy_module, 'scalar')] = _numpy_scalar(multiarray)
+        allowed[(numpy_module, '_reconstruct')] = multiarray._reconstruct
+    return allowed
+
+
+_ALLOWED_GLOBALS = _allowed_globals()
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the allow-listed globals; anything else raises naming the global and the file."""
+    source = '<stream>'
+
+    def find_class(self, module, name):
+        obj = _ALLOWED_GLOBALS.get((module, name))
+        if obj is None:
+            raise pickle.UnpicklingError(f'{self.source}: refusing to load global {module}.{name}: the safe checkpoint '
+                                         f'loader only accepts network weights and plain data. {UNSAFE_HINT}')
+        return obj
+
+
+def _restricted_pickle_module(source):
+    """A `pickle_module` for torch.load whose unpickler is restricted and names `source` in its errors."""
+    module = types.ModuleType('restricted_pickle')
+    module.Unpickler = type('RestrictedUnpickler', (RestrictedUnpickler,), dict(source=source))
+    module.load = lambda f, **kwargs: module.Unpickler(f, **kwargs).load()
+    return module
+
+
+#----------------------------------------------------------------------------
+# Rebuilding our network classes from records (or from live modules of unsafe pickles).
+
+def _node_class_name(node):
+    return node.class_name if isinstance(node, PersistentRecord) else type(node).__name__
+
+
+def _node_state(node):
+    return node.state if isinstance(node, PersistentRecord) else node.__dict__
+
+
+def _node_tensors(node, prefix=''):
+    """{dotted name: tensor} of every parameter and persistent buffer, like state_dict()."""
+    state = _node_state(node)
+    non_persistent = state.get('_non_persistent_buffers_set', set())
+    tensors = {prefix + name: t for name, t in state.get('_parameters', {}).items() if t is not None}
+    tensors.update({prefix + name: t for name, t in state.get('_buffers', {}).items()
+                    if t is not None and name not in non_persistent})
+    for name, child in state.get('_modules', {}).items():
+        if child is not None:
+            tensors.update(_node_tensors(child, f'{prefix}{name}.'))
+    return tensors
+
+
+def _is_plain(value):
+    return value is None or isinstance(value, (bool, int, float, str, np.generic))
+
+
+def _same_value(a, b):
+    if isinstance(a, (int, float, np.number)) and isinstance(b, (int, float, np.number)) and not isinstance(a, bool):
+        return a == b or math.isclose(float(a), float(b), rel_tol=1e-6)
+    return a == b
+
+
+def _check_structure(node, module, path, source):
+    """The record must describe the module we rebuilt: same classes and same plain attributes
+    (e.g. sigma_min, skip_scale, num_heads), so the stored numbers mean what our code assumes."""
+    if _node_class_name(node) != type(module).__name__:
+        raise ValueError(f'{source}: {path or "<root>"} is a {_node_class_name(node)} in the checkpoint but '
+                         f'{type(module).__name__} when rebuilt from its constructor record')
+    for key, value in _node_state(node).items():
+        ours = module.__dict__.get(key, value)  # attributes only the file has (e.g. D2O's SongUNet.augment_dim) pass
+        if key.startswith('_') or key == 'training' or not _is_plain(value) or not _is_plain(ours):
+            continue
+        if not _same_value(value, ours):
+            raise ValueError(f'{source}: attribute {path + "." if path else ""}{key} is {value!r} in the checkpoint '
+                             f'but {ours!r} when rebuilt; the file was written by incompatible code')
+    for name, child in _node_state(node).get('_modules', {}).items():
+        if child is not None:
+            _check_structure(child, getattr(module, name, None), f'{path}.{name}' if path else name, source)
+
+
+def _rebuild_network(node, source):
+    class_name = _node_class_name(node)
+    state = _node_state(node)
+    if '_init_kwargs' not in state:
+        raise ValueError(f'{source}: {class_name} has no constructor record (_init_kwargs)')
+    with torch.device('meta'):  # no allocation or random init: every tensor comes from the checkpoint
+        try:
+            net = NETWORK_CLASSES[class_name](*state.get('_init_args', ()), **state['_init_kwargs'])
+        except TypeError as err:
+            raise ValueError(f'{source}: cannot rebuild {class_name} from its constructor record: {err}') from None
+    _check_structure(node, net, '', source)
+    tensors = {name: t.detach() for name, t in _node_tensors(node).items()}
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong_shape = [f'{name} {tuple(tensors[name].shape)} (expected {tuple(t.shape)})'
+                   for name, t in expected.items() if name in tensors and tensors[name].shape != t.shape]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(f'{source}: tensors of {class_name} do not match its architecture; missing {missing}, '
+                         f'unexpected {unexpected}, wrong shape {wrong_shape}')
+    net.load_state_dict(tensors, strict=True, assign=True)
+    return net.to(torch.float32).eval().requires_grad_(False)
+
+
+def _is_network(obj):
+    if isinstance(obj, PersistentRecord):
+        return obj.class_name in NETWORK_CLASSES
+    return persistence.is_persistent(obj) and type(obj).__name__ in NETWORK_CLASSES  # unsafe mode: live objects
+
+
+def _materialize(obj, source):
+    """Replace network records (or networks built by embedded code) in the snapshot's containers by our modules."""
+    if _is_network(obj):
+        return _rebuild_network(obj, source)
+    if isinstance(obj, dict):
+        return type(obj)((key, _materialize(value, source)) for key, value in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_materialize(value, source) for value in obj)
+    return obj
+
+#----------------------------------------------------------------------------
+# Public API.
+
+def load_snapshot(source, allow_unsafe_pickle=False):
+    """Load a snapshot dict (`network-snapshot-*.pkl` of EDM, D2O or ours; path or URL).
+
+    Networks of our classes come back as our modules (eval mode, requires_grad False, float32);
+    other persistent objects (EDMLoss, AugmentPipe, ...) as inert `PersistentRecord`s.
+
+    allow_unsafe_pickle=True reads the file with plain `pickle` and EDM's persistence semantics, which
+    executes the module source embedded in the file — and any other code a malicious pickle carries.
+    Use it only for files from a trusted source that the safe loader refuses."""
+    name = str(source)
+    with dnnlib.util.open_url(source) as f:
+        is_zip = f.read(4) == b'PK\x03\x04'
+        f.seek(0)
+        if is_zip:  # torch.save zip (e.g. a training state of the original code)
+            data = torch.load(f, map_location='cpu', weights_only=False,
+                              pickle_module=pickle if allow_unsafe_pickle else _restricted_pickle_module(name))
+        else:
+            data = (pickle if allow_unsafe_pickle else _restricted_pickle_module(name)).load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f'{name}: expected a snapshot dict, found {type(data).__name__}')
+    return _materialize(data, name)
+
+
+def load_network(source, key='ema', allow_unsafe_pickle=False):
+    """Load one network of a snapshot (`ema`, or D2O's `net`) as our module class, eval mode,
+    requires_grad False, float32. See `load_snapshot` for `allow_unsafe_pickle`."""
+    snapshot = load_snapshot(source, allow_unsafe_pickle=allow_unsafe_pickle)
+    if key not in snapshot:
+        raise KeyError(f'{source}: snapshot has no {key!r}; it holds {sorted(snapshot)}')
+    net = snapshot[key]
+    if not isinstance(net, torch.nn.Module):
+        raise ValueError(f'{source}: {key!r} is {net!r}, not one of the networks {sorted(NETWORK_CLASSES)}')
+    return net
+
+
+def save_snapshot(path, snapshot):
+    """Atomically pickle a snapshot dict in EDM's format (protocol 4, readable by EDM/D2O code and by our
+    safe loader). Modules are stored as CPU copies in eval mode with requires_grad False."""
+    def prepare(obj):
+        if isinstance(obj, torch.nn.Module):
+            return copy.deepcopy(obj).eval().requires_grad_(False).cpu()
+        return obj
+    data = {key: prepare(value) for key, value in snapshot.items()}
+    with dnnlib.util.atomic_write(path) as f:
+        pickle.dump(data, f, protocol=4)
+
+
+def _plain_data(value, where):
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_data(v, where) for v in value)
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain_data(v, where) for k, v in value.items()}
+    raise ValueError(f'{where}: constructor argument {value!r} is not plain data')
+
+
+def network_constructor_record(net):
+    """{'class_name', 'init_args', 'init_kwargs'} of one of our networks, as plain data that
+    `torch.load(weights_only=True)` accepts; `build_network` turns it back into a (fresh) module."""
+    if type(net).__name__ not in NETWORK_CLASSES or not persistence.is_persistent(net):
+        raise ValueError(f'network_constructor_record: {type(net).__name__} is not one of {sorted(NETWORK_CLASSES)}')
+    name = type(net).__name__
+    return dict(class_name=name, init_args=list(_plain_data(net._init_args, name)),
+                init_kwargs=_plain_data(net._init_kwargs, name))
+
+
+def build_network(record):
+    """Construct a freshly initialised network from `network_constructor_record` output."""
+    class_name = record.get('class_name')
+    if class_name not in NETWORK_CLASSES:
+        raise ValueError(f'build_network: unknown class_name {class_name!r}; expected one of {sorted(NETWORK_CLASSES)}')
+    return NETWORK_CLASSES[class_name](*record.get('init_args', ()), **record.get('init_kwargs', {}))
+
+
+# Teacher preconditioner kwargs with no meaning for D2OPrecond (noise schedules of VP/VE/iDDPM, σ range).
+_TEACHER_ONLY_KWARGS = ('beta_d', 'beta_min', 'M', 'epsilon_t', 'C_1', 'C_2', 'sigma_min', 'sigma_max')
+
+
+def generator_kwargs_from_teacher(teacher, **overrides):
+    """D2OPrecond constructor kwargs with the teacher's architecture (from its recorded `_init_kwargs`):
+    no augmentation map (augment_dim=0, d2o-method §4), then `overrides` (e.g. dropout, use_fp16)."""
+    if not persistence.is_persistent(teacher) or not hasattr(teacher, 'model'):
+        raise ValueError(f'generator_kwargs_from_teacher: {type(teacher).__name__} is not a preconditioned EDM/D2O network')
+    if teacher._init_args:
+        raise ValueError(f'generator_kwargs_from_teacher: {type(teacher).__name__} was built with positional '
+                         f'arguments {teacher._init_args}; only keyword constructor records are supported')
+    kwargs = {k: v for k, v in teacher._init_kwargs.items() if k not in _TEACHER_ONLY_KWARGS}
+    kwargs['model_type'] = type(teacher.model).__name__  # VP/VE records may rely on their class default
+    kwargs['augment_dim'] = 0
+    kwargs.update(overrides)
+    return kwargs
+
+
+@dataclasses.dataclass
+class TransferReport:
+    copied: list   # names copied from the source
+    dropped: list  # source names not used (map_augment.*, or absent from the destination)
+    new: list      # destination names left at their initial values
+
+    def __str__(self):
+        return f'copied {len(self.copied)} tensors, dropped {self.dropped}, left new {self.new}'
+
+
+_DROPPED_ON_TRANSFER = re.compile(r'(^|\.)map_augment\.')  # D2O generators have no augmentation map (§4)
+
+
+def transfer_weights(src_net, dst_net):
+    """Copy parameters and buffers by name from a teacher (VP/VE/iDDPM/EDM precond) or D2O network into
+    `dst_net` (d2o-method §4 Transfer). A name present in both with different shapes is an error."""
+    src = dict(src_net.state_dict())
+    dst = {**dict(dst_net.named_parameters()), **dict(dst_net.named_buffers())}
+    mismatched = [f'{name} {tuple(t.shape)} -> {tuple(dst[name].shape)}' for name, t in src.items()
+                  if name in dst and not _DROPPED_ON_TRANSFER.search(name) and t.shape != dst[name].shape]
+    if mismatched:
+        raise ValueError(f'transfer_weights: shapes differ between {type(src_net).__name__} and '
+                         f'{type(dst_net).__name__}: {mismatched}')
+    copied, dropped = [], []
+    with torch.no_grad():
+        for name, t in src.items():
+            if _DROPPED_ON_TRANSFER.search(name) or name not in dst:
+                dropped.append(name)
+            else:
+                dst[name].copy_(t)
+                copied.append(name)
+    return TransferReport(copied=copied, dropped=dropped, new=[name for name in dst if name not in set(copied)])
