@@ -7,6 +7,7 @@ Examples:
 import contextlib
 import io
 import os
+import pickle
 import re
 import zipfile
 
@@ -136,7 +137,10 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, sampler
     if dist.rank() != 0:
         dist.barrier()
     dist.print0(f'Loading network from "{network_pkl}"...')
-    net = load_network(network_pkl, key=key, allow_unsafe_pickle=allow_unsafe_pickle)
+    try:
+        net = load_network(network_pkl, key=key, allow_unsafe_pickle=allow_unsafe_pickle)
+    except (OSError, KeyError, ValueError, pickle.UnpicklingError) as err:
+        raise click.BadParameter(err.args[0] if isinstance(err, KeyError) else str(err), param_hint='--network') from None
     if dist.rank() == 0:
         dist.barrier()
     net = net.eval().requires_grad_(False).to(device)

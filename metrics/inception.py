@@ -185,19 +185,18 @@ class InceptionV3(nn.Module):
         ]))
         self.output = nn.Linear(NUM_FEATURES, NUM_CLASSES) if with_logits else None
 
-    @property
-    def has_logits(self):
-        return self.output is not None
-
     def forward(self, images):
         with torch.autocast(images.device.type, enabled=False):  # features are always computed in float32
             x = preprocess(images).contiguous(memory_format=torch.channels_last)
             return self.layers(x).flatten(1)
 
-    def logits(self, features):
-        """NVIDIA's IS uses the head without its bias (`no_output_bias=True`); so does OpenAI's evaluator."""
+    def require_logits(self):
         if self.output is None:
             raise ValueError('The Inception Score needs the 1008-way classifier head (`output`), which only '
                              "NVIDIA's inception-2015-12-05.pkl has; these detector weights have pool "
                              'features only. Pass --detector=path/to/inception-2015-12-05.pkl')
+
+    def logits(self, features):
+        """NVIDIA's IS uses the head without its bias (`no_output_bias=True`); so does OpenAI's evaluator."""
+        self.require_logits()
         return features.to(self.output.weight.dtype) @ self.output.weight.T

@@ -4,8 +4,10 @@ Each `FeatureNetwork` maps images in [−1, 1] at dataset resolution to 4 projec
 DiffAugment (optional) → (x+1)/2 → per-network normalisation → bilinear resize to 224 → backbone stages →
 random CCM/CSM projection. Everything in it is frozen: parameters never require grad and it stays in eval mode
 whatever `train()` says, yet it is differentiable w.r.t. its input (G's loss and R1 need that)."""
+import timm
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from .diffaug import diff_augment
@@ -69,6 +71,56 @@ class ViTStages(nn.Module):
         return feats
 
 
+class _ConvWithConvInputGrad(torch.autograd.Function):
+    """conv2d with a constant weight whose input gradient is computed by a differentiable conv_transpose2d.
+    For grouped (depthwise) convs, ATen's generic double backward loops over the groups (≈9000 small convs
+    per R1 step in EfficientNet-Lite0); differentiating conv_transpose2d instead is one grouped conv."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise RuntimeError('FrozenGroupedConv2d weights must not require grad')
+        ctx.save_for_backward(weight)
+        ctx.conf = stride, padding, dilation, groups, x.shape[2:]
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        stride, padding, dilation, groups, in_size = ctx.conf
+        # output_padding recovers input rows that the strided forward never reached
+        output_padding = [in_size[i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i] +
+                                        dilation[i] * (weight.shape[2 + i] - 1) + 1) for i in range(2)]
+        grad_x = F.conv_transpose2d(grad, weight.to(grad.dtype), None, stride, padding, output_padding, groups,
+                                    dilation)
+        return grad_x, None, None, None, None, None, None
+
+
+class FrozenGroupedConv2d(nn.Module):
+    """Stands in for a frozen grouped nn.Conv2d or timm Conv2dSame (TF-SAME padding); same outputs, same
+    state-dict keys, cheap double backward (see _ConvWithConvInputGrad)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.tf_same = isinstance(conv, timm.layers.Conv2dSame)
+
+    def forward(self, x):
+        if self.tf_same:
+            x = timm.layers.pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
+        return _ConvWithConvInputGrad.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                            self.groups)
+
+
+def _replace_grouped_convs_(net):
+    for name, module in list(net.named_modules()):
+        if isinstance(module, nn.Conv2d) and module.groups > 1:
+            parent, _, child = name.rpartition('.')
+            setattr(net.get_submodule(parent), child, FrozenGroupedConv2d(module.requires_grad_(False)))
+    return net
+
+
 def _load_exactly(module, state, name, unexpected=()):
     result = module.load_state_dict(state, strict=False)
     unexpected = list(result.unexpected_keys) + list(unexpected)
@@ -81,7 +133,6 @@ def _load_exactly(module, state, name, unexpected=()):
 def _vgg16_bn(state, generator, **kwargs):
     """torchvision vgg16_bn `features` only (the 124M-parameter classifier is never used), split [0:13],
     [13:23], [23:33], [33:43] → 128, 256, 512, 512 channels at 1/2 … 1/16 of the input."""
-    import torchvision
     if kwargs:
         raise ValueError(f'vgg16_bn takes no constructor arguments, got {sorted(kwargs)}')
     features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs['D'], batch_norm=True)
@@ -99,7 +150,6 @@ def _vgg16_bn(state, generator, **kwargs):
 def _tf_efficientnet_lite0(state, generator, **kwargs):
     """timm tf_efficientnet_lite0 split (conv_stem, bn1, blocks[0:2]), blocks[2:3], blocks[3:5], blocks[5:]
     → 24, 40, 112, 320 channels at 1/4 … 1/32. (timm ≥ 0.9: bn1 already applies the ReLU6; there is no act1.)"""
-    import timm
     net = timm.create_model('tf_efficientnet_lite0', **kwargs)
     # The converted weights are only right for the TF variant (TF-SAME padding, BN eps 1e-3); timm's
     # `efficientnet_lite0` accepts the same keys but differs by up to 3 in logits (offline-weights.md §1.3).
@@ -108,12 +158,12 @@ def _tf_efficientnet_lite0(state, generator, **kwargs):
                            'the EfficientNet-Lite0 weights would be wrong in it')
     if state is not None:
         _load_exactly(net, state, 'tf_efficientnet_lite0')
+    _replace_grouped_convs_(net)
     return Stages([nn.Sequential(net.conv_stem, net.bn1, *net.blocks[0:2]), net.blocks[2:3], net.blocks[3:5],
                    net.blocks[5:]])
 
 
 def _deit_base_distilled(state, generator, **kwargs):
-    import timm
     net = timm.create_model('deit_base_distilled_patch16_224', **kwargs)
     if state is not None:
         _load_exactly(net, state, 'deit_base_distilled_patch16_224')

@@ -1,5 +1,6 @@
 """Projected discriminator: shapes, frozen/trainable split, determinism, conditioning, DiffAugment, class embeddings.
 Weight resolution and the offline EfficientNet-Lite0 package are in tests/test_feature_weights.py."""
+import copy
 import pickle
 import pickletools
 import sys
@@ -7,12 +8,13 @@ import types
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from pg_modules import class_embedding
 from pg_modules.diffaug import diff_augment
 from pg_modules.discriminator import BACKBONE_SETS, ProjectedDiscriminator, backbone_set
-from pg_modules.feature_networks import FeatureNetwork
+from pg_modules.feature_networks import FeatureNetwork, _replace_grouped_convs_
 
 LITE0 = 'tf_efficientnet_lite0'
 DEIT = 'deit_base_distilled_patch16_224'
@@ -91,6 +93,28 @@ def test_gradients_reach_input_and_mini_discs_only():
     assert torch.equal(fnet.body.stages[0][1].running_mean, stats)  # frozen BN statistics untouched
 
 
+def test_frozen_grouped_conv_matches_plain_conv_to_second_order():
+    """The depthwise-conv stand-in gives the same outputs, input gradients and R1 parameter gradients."""
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(timm.layers.Conv2dSame(8, 8, 5, stride=2, groups=8, bias=False),
+                                torch.nn.Conv2d(8, 8, 3, padding=1, groups=4), torch.nn.Conv2d(8, 4, 1))
+    frozen = _replace_grouped_convs_(copy.deepcopy(plain))
+    assert [type(m).__name__ for m in frozen] == ['FrozenGroupedConv2d', 'FrozenGroupedConv2d', 'Conv2d']
+    assert frozen.state_dict().keys() == plain.state_dict().keys()
+    for net in (plain, frozen):
+        net[0].requires_grad_(False), net[1].requires_grad_(False)
+    x = torch.randn(2, 8, 15, 15, requires_grad=True)
+    grads = []
+    for net in (plain, frozen):
+        y = net(x)
+        (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        net[2].weight.grad = None
+        g.square().sum().backward()
+        grads.append((y, g, net[2].weight.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_part_is_seeded_and_identical_across_ranks():
     torch.manual_seed(1)  # different global RNG states stand in for different ranks
     a = random_d(seed=5)
@@ -148,11 +172,12 @@ def test_diffaug_only_when_on():
     torch.manual_seed(0)
     assert y.shape == x.shape and not torch.equal(y, x) and torch.equal(diff_augment(x), y)
     assert (y == 0).float().mean() > 0.02  # cutout (20% square) and translation zero-fill
-    off, on = random_d(seed=1), random_d(seed=1, diffaug=True)
+    off, on = (FeatureNetwork(LITE0, torch.Generator().manual_seed(1), pretrained=False, interp224=False,
+                              diffaug=diffaug, **QUIET) for diffaug in (False, True))
     with torch.no_grad():
-        assert torch.equal(off.features(x)[0][3], off.features(x)[0][3])
-        assert not torch.equal(on.features(x)[0][3], on.features(x)[0][3])
-        assert not torch.equal(on.features(x)[0][3], off.features(x)[0][3])
+        assert torch.equal(off(x)[0], off(x)[0])
+        assert not torch.equal(on(x)[0], on(x)[0])
+        assert not torch.equal(on(x)[0], off(x)[0])
 
 
 def _fake_dill_pickle(path, obj, monkeypatch):
@@ -162,7 +187,7 @@ def _fake_dill_pickle(path, obj, monkeypatch):
 
     def _load_type(name):
         return {'set': set}[name]
-    _load_type.__module__ = 'dill._dill'
+    _load_type.__module__, _load_type.__qualname__ = 'dill._dill', '_load_type'
     dill_mod._load_type = _load_type
     monkeypatch.setitem(sys.modules, 'dill', types.ModuleType('dill'))
     monkeypatch.setitem(sys.modules, 'dill._dill', dill_mod)

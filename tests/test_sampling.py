@@ -1,3 +1,5 @@
+import copy
+import functools
 import math
 
 import numpy as np
@@ -29,7 +31,7 @@ class GaussianDenoiser(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **kwargs):
         self.calls.append(dict(x=x, sigma=sigma, class_labels=class_labels, force_fp32=force_fp32, **kwargs))
-        sigma = torch.as_tensor(sigma).reshape(-1, 1, 1, 1)
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
         return (self.mu + self.s ** 2 / (self.s ** 2 + sigma ** 2) * (x - self.mu)) * self.gain
 
     def ode_solution(self, z, sigma_max=80.0, sigma_min=0.002):
@@ -43,9 +45,15 @@ def _z(shape=(2, 1, 4, 4), seed=0, dtype=torch.float64):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def _load(fixtures_dir, name, key='ema'):
+@functools.lru_cache(maxsize=None)
+def _load_cached(path, key):
     checkpoint = pytest.importorskip('training.checkpoint', reason='training/checkpoint.py not available yet')
-    return checkpoint.load_network(fixtures_dir / f'{name}.pkl', key=key), np.load(fixtures_dir / f'{name}.npz')
+    return checkpoint.load_network(path, key=key)
+
+
+def _load(fixtures_dir, name, key='ema'):
+    """(network, golden arrays); the network is shared between tests, so tests must not modify it."""
+    return _load_cached(str(fixtures_dir / f'{name}.pkl'), key), np.load(fixtures_dir / f'{name}.npz')
 
 
 #----------------------------------------------------------------------------
@@ -203,7 +211,7 @@ def test_one_step_generator_reproduces_fixture_goldens(fixtures_dir, name, key):
 
 def test_multi_step_generator_gradient_reaches_fixture_weights(fixtures_dir):
     net, data = _load(fixtures_dir, 'd2o_adm_cond16', 'net')
-    net.train().requires_grad_(True)
+    net = copy.deepcopy(net).train().requires_grad_(True)
     out = generator_sample(net, torch.from_numpy(data['z']).float(), torch.from_numpy(data['class_labels']).float(),
                            num_steps=2)
     out.square().mean().backward()

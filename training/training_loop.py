@@ -22,13 +22,13 @@ import torch
 from tqdm import tqdm
 
 import dnnlib
-from pg_modules.discriminator import BACKBONE_SETS, ProjectedDiscriminator
+from pg_modules.discriminator import ProjectedDiscriminator, backbone_set
 from torch_utils import distributed as dist
 from training import checkpoint, freeze, loss as losses, networks, sampling
 from training.dataset import ImageFolderDataset
+from training.image_grid import save_image_grid
 
-R1_INTERVAL = 16        # lazy R1 every 16 iterations (StyleGAN2; d2o-method.md §4)
-R1_GAIN = R1_INTERVAL   # its loss is multiplied by the interval
+R1_INTERVAL = losses.R1_INTERVAL  # lazy R1 every 16 iterations, its loss multiplied by 16 (d2o-method.md §4)
 ADAM_BETAS = (0.0, 0.99)  # paper Table 10; 0.0 not 0 (int/float mix fails in torch's Adam, §12.10)
 
 ARCHS = {  # d2o-method.md §2
@@ -132,24 +132,19 @@ def update_ema(ema, net, cur_nimg, batch, halflife_kimg, rampup_ratio):
     if rampup_ratio:
         h = min(h, cur_nimg * rampup_ratio)
     beta = 0.5 ** (batch / max(h, 1e-8))
-    ema_p = [p for p in ema.parameters()]
-    net_p = [p.detach() for p in net.parameters()]
-    torch._foreach_lerp_(ema_p, net_p, 1.0 - beta)
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1.0 - beta)
     return beta
 
 
 def reduce_gradients(params, world):
-    """Average the gradients of `params` over ranks with one flat all-reduce and report whether they
-    are all finite (a single device-side check). Parameters without a gradient are ignored."""
+    """Average the gradients of `params` over ranks with one flat all-reduce, once per stage after all
+    accumulation rounds (what DDP's no_sync + final sync does, without DDP's limits on double backward
+    for R1 and on toggling requires_grad between stages). Parameters without a gradient are ignored."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.tensor(True)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    if world > 1:
-        dist.all_reduce_sum(flat)
-        flat /= world
+    if world > 1 and grads:
+        flat = dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / world
         torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
-    return torch.isfinite(flat).all()
 
 
 class TickStats:
@@ -332,9 +327,8 @@ def run(cfg):
         # Discriminator (GAN only).
         D = opt_d = None
         if gan:
-            if cfg.backbone not in BACKBONE_SETS:
-                raise ValueError(f'--backbone={cfg.backbone}: choose one of {sorted(BACKBONE_SETS)}')
-            D = ProjectedDiscriminator(backbones=BACKBONE_SETS[cfg.backbone], c_dim=dataset.label_dim,
+            backbones = backbone_set(cfg.backbone)
+            D = ProjectedDiscriminator(backbones=backbones, c_dim=dataset.label_dim,
                                        pretrained=cfg.d_pretrained, weights=cfg.d_weights, interp224=cfg.interp224,
                                        diffaug=cfg.diffaug, seed=cfg.seed, embedding=cfg.d_embedding, log=log)
             D.train().to(device)
@@ -342,7 +336,7 @@ def run(cfg):
             lazy = R1_INTERVAL / (R1_INTERVAL + 1) if cfg.r1_gamma > 0 else 1.0  # lazy-R1 Adam correction (§4)
             opt_d = torch.optim.Adam(d_params, lr=cfg.dlr * lazy, betas=(ADAM_BETAS[0], ADAM_BETAS[1] ** lazy),
                                      eps=1e-8, foreach=True)
-            log(f'Discriminator: backbones {BACKBONE_SETS[cfg.backbone]}, {sum(p.numel() for p in d_params):,} '
+            log(f'Discriminator: backbones {backbones}, {sum(p.numel() for p in d_params):,} '
                 f'trainable parameters; feature weights: {D.weights_info}')
         loss_fn = None if gan else DIFFUSION_LOSSES[cfg.loss]()
         adv_scale = cfg.adv_scale if cfg.adv_scale is not None else cfg.batch / 8
@@ -391,7 +385,8 @@ def run(cfg):
         def step(opt, params, stage):
             """All-reduce, check, step (or skip and count). One host sync per stage decides the skip."""
             nonlocal nonfinite_streak
-            finite = bool(reduce_gradients(params, world))
+            reduce_gradients(params, world)
+            finite = bool(losses.grads_finite(params))
             stats.add({f'Skipped/{stage}': torch.tensor(0.0 if finite else 1.0)})
             if finite:
                 opt.step()
@@ -437,15 +432,15 @@ def run(cfg):
                 images = []
                 for i in range(0, len(grid_seeds), batch_gpu):
                     seeds = grid_seeds[i:i + batch_gpu]
-                    z, c = sampling.seeded_latents(seeds, [G.img_channels, G.img_resolution, G.img_resolution],
-                                                   device=device, label_dim=G.label_dim)
+                    z, c, _ = sampling.seeded_latents(seeds, [G.img_channels, G.img_resolution, G.img_resolution],
+                                                      device=device, label_dim=G.label_dim)
                     if gan:
                         x = sampling.generator_sample(ema, z, c, num_steps=cfg.multi_step_g,
                                                       middle_sigma=cfg.middle_sigma)
                     else:
                         x = sampling.edm_sampler(ema, z, c, num_steps=18)
                     images.append(sampling.to_uint8(x).cpu())
-            sampling.save_image_grid(torch.cat(images).numpy(), path)
+            save_image_grid(torch.cat(images).numpy(), path)
 
         def evaluate_metrics():
             if not cfg.metrics:
@@ -473,8 +468,8 @@ def run(cfg):
 
         def sample_uint8(seeds):
             with torch.no_grad(), autocast:
-                z, c = sampling.seeded_latents(seeds, [G.img_channels, G.img_resolution, G.img_resolution],
-                                               device=device, label_dim=G.label_dim)
+                z, c, _ = sampling.seeded_latents(seeds, [G.img_channels, G.img_resolution, G.img_resolution],
+                                                  device=device, label_dim=G.label_dim)
                 x = sampling.generator_sample(ema, z, c, num_steps=cfg.multi_step_g, middle_sigma=cfg.middle_sigma) \
                     if gan else sampling.edm_sampler(ema, z, c, num_steps=18)
                 return sampling.to_uint8(x).permute(0, 3, 1, 2)
@@ -504,34 +499,38 @@ def run(cfg):
                 D.requires_grad_(False)
                 opt_g.zero_grad(set_to_none=True)
                 for real, labels in batches:
-                    z = torch.randn_like(real)
                     with autocast:
-                        fake = sampling.generator_sample(G, z, labels,
+                        loss, st = losses.generator_loss(G, D, torch.randn_like(real), labels, adv_scale, cfg.loss_type,
                                                          num_steps=cfg.multi_step_g, middle_sigma=cfg.middle_sigma)
-                    loss, st = losses.generator_loss(D, fake.float(), labels, adv_scale, cfg.loss_type)
                     (loss / rounds).backward()
                     stats.add(st)
                 step(opt_g, g_params, 'G')
 
-                # D main: fakes from fresh noise, generated without gradients.
+                # D main: fakes from fresh noise, generated without gradients. When R1 is due in this
+                # iteration, the frozen feature pass over the reals is computed once and shared (exact: the
+                # features do not depend on D's trainable weights, and R1 never augments).
+                r1_due = cfg.r1_gamma > 0 and batch_idx % R1_INTERVAL == 0 and batch_idx != 0
+                real_features = [losses.r1_features(D, real) if r1_due and not cfg.diffaug else None
+                                 for real, _ in batches]
                 for p in d_params:
                     p.requires_grad_(True)
                 opt_d.zero_grad(set_to_none=True)
-                for real, labels in batches:
+                for (real, labels), feats in zip(batches, real_features):
                     with torch.no_grad(), autocast:
                         fake = sampling.generator_sample(G, torch.randn_like(real), labels,
                                                          num_steps=cfg.multi_step_g, middle_sigma=cfg.middle_sigma)
-                    loss, st = losses.discriminator_loss(D, real, fake.float(), labels, adv_scale, cfg.loss_type)
+                    loss, st = losses.discriminator_loss(D, real, fake, labels, adv_scale, cfg.loss_type,
+                                                         real_features=feats)
                     (loss / rounds).backward()
                     stats.add(st)
                 step(opt_d, d_params, 'D')
 
                 # Lazy R1 on un-augmented reals, every 16th iteration with gain 16.
-                if cfg.r1_gamma > 0 and batch_idx % R1_INTERVAL == 0 and batch_idx != 0:
+                if r1_due:
                     opt_d.zero_grad(set_to_none=True)
-                    for real, labels in batches:
-                        loss, st = losses.r1_penalty(D, real, labels, cfg.r1_gamma)
-                        (loss * R1_GAIN / rounds).backward()
+                    for (real, labels), feats in zip(batches, real_features):
+                        loss, st = losses.r1_penalty(D, real, labels, cfg.r1_gamma, real_features=feats)
+                        (loss * R1_INTERVAL / rounds).backward()
                         stats.add(st)
                     step(opt_d, d_params, 'R1')
             else:

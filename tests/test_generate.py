@@ -1,0 +1,112 @@
+import io
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip('training.checkpoint', reason='training/checkpoint.py not available yet')
+import generate  # noqa: E402
+from training.checkpoint import load_network  # noqa: E402
+from training.image_grid import image_grid, save_image_grid  # noqa: E402
+from training.sampling import generate_images  # noqa: E402
+
+
+def _run(*args):
+    result = CliRunner().invoke(generate.main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def _png(data):
+    return np.asarray(PIL.Image.open(io.BytesIO(data)))
+
+
+def test_parse_int_list():
+    assert generate.parse_int_list('0-3,7, 10-11') == [0, 1, 2, 3, 7, 10, 11]
+    assert generate.parse_int_list('5') == [5]
+    for bad in ('', '1,,2', 'a-3', '-1', '3-1', '1.5'):
+        with pytest.raises(ValueError):
+            generate.parse_int_list(bad)
+    assert generate.image_name(1234, subdirs=True) == '001000/001234.png' and generate.image_name(7) == '000007.png'
+
+
+def test_image_grid_layout(tmp_path):
+    images = np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1) * np.ones([1, 2, 3, 3], np.uint8) + 1
+    grid = image_grid(images)  # ceil(sqrt(5)) = 3 columns, 2 rows, last cell black
+    assert grid.shape == (4, 9, 3)
+    assert grid[::2, ::3, 0].tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert image_grid(torch.from_numpy(images), cols=5).shape == (2, 15, 3)
+    save_image_grid(images[:, :, :, :1], tmp_path / 'g.png', cols=1)
+    assert np.asarray(PIL.Image.open(tmp_path / 'g.png')).shape == (10, 3)
+    with pytest.raises(ValueError, match='extension'):
+        save_image_grid(images, tmp_path / 'g.unknown')
+    with pytest.raises(ValueError, match='uint8'):
+        image_grid(images.astype(np.float32))
+
+
+def test_cli_heun_writes_seed_pngs_independent_of_batch(fixtures_dir, tmp_path):
+    pkl = fixtures_dir / 'edm_edm_adm_cond16.pkl'
+    code, out = _run(f'--network={pkl}', '--seeds=0-7', '--steps=18', f'--outdir={tmp_path / "a"}')
+    assert code == 0, out
+    assert 'heun' in out
+    names = [f'{s:06d}.png' for s in range(8)]
+    assert sorted(p.name for p in (tmp_path / 'a').iterdir()) == names
+    code, out = _run(f'--network={pkl}', '--seeds=0-7', '--steps=18', '--batch=3', f'--outdir={tmp_path / "b"}')
+    assert code == 0, out
+    for name in names:
+        assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
+    # The PNGs hold exactly the library's images.
+    (_, images), = generate_images(load_network(pkl), list(range(8)), num_steps=18)
+    for name, image in zip(names, images.numpy()):
+        assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / 'a' / name)), image)
+        assert image.shape == (16, 16, 3)
+
+
+def test_cli_onestep_zip_subdirs_and_grid(fixtures_dir, tmp_path):
+    pkl = fixtures_dir / 'd2o_adm_cond16.pkl'
+    zip_path, grid = tmp_path / 'out.zip', tmp_path / 'grid.png'
+    code, out = _run(f'--network={pkl}', '--seeds=998-1002', '--subdirs', '--class=3', '--batch=2',
+                     f'--outdir={zip_path}', f'--grid={grid}')
+    assert code == 0, out
+    assert 'onestep' in out and 'Note' not in out
+    seeds = list(range(998, 1003))
+    with zipfile.ZipFile(zip_path) as zf:
+        assert sorted(zf.namelist()) == sorted(generate.image_name(s, subdirs=True) for s in seeds)
+        pngs = [_png(zf.read(generate.image_name(s, subdirs=True))) for s in seeds]
+    assert not [p for p in tmp_path.iterdir() if p.name not in ('out.zip', 'grid.png')]  # no temp/part files
+    (_, images), = generate_images(load_network(pkl), seeds, class_idx=3)
+    assert np.array_equal(np.stack(pngs), images.numpy())
+    # 5 images of 16² → 3 columns × 2 rows, row-major in seed order.
+    picture = np.asarray(PIL.Image.open(grid))
+    assert picture.shape == (32, 48, 3)
+    assert np.array_equal(picture[16:32, 0:16], pngs[3]) and not picture[16:32, 32:48].any()
+
+
+def test_cli_sampler_choice_is_logged_and_validated(fixtures_dir, tmp_path):
+    d2o, edm = fixtures_dir / 'd2o_ncsnpp_uncond16.pkl', fixtures_dir / 'edm_edm_adm_cond16.pkl'
+    code, out = _run(f'--network={d2o}', '--sampler=heun', '--steps=2', '--seeds=0', f'--grid={tmp_path / "h.png"}')
+    assert code == 0 and 'Note: sampling D2OPrecond with --sampler=heun' in out
+    code, out = _run(f'--network={d2o}', '--key=net', '--sampler=multistep', '--steps=3', '--seeds=0-1',
+                     f'--grid={tmp_path / "m.png"}')
+    assert code == 0 and 'Note' not in out, out
+    errors = [
+        ([f'--network={edm}', '--seeds=0'], 'give --outdir, --grid, or both'),
+        ([f'--network={edm}', '--seeds=1-x'], "'1-x' is not a non-negative integer"),
+        ([f'--network={edm}', '--seeds=1,1'], 'more than once'),
+        ([f'--network={edm}', '--class=10'], 'out of range: the network has 10 classes'),
+        ([f'--network={d2o}', '--class=0'], 'unconditional'),
+        ([f'--network={edm}', '--sampler=multistep'], 'multistep needs a D2O generator'),
+        ([f'--network={d2o}', '--steps=2'], 'onestep takes exactly 1 step'),
+        ([f'--network={d2o}', '--S-churn=1'], '--S-churn: does not apply to --sampler=onestep'),
+        ([f'--network={edm}', '--middle-sigma=1'], '--middle-sigma: does not apply to --sampler=heun'),
+        ([f'--network={edm}', '--steps=1'], 'heun needs at least 2 steps'),
+        ([f'--network={fixtures_dir / "missing.pkl"}'], 'missing.pkl: no such file'),
+        ([f'--network={edm}', '--key=net'], "snapshot has no 'net'"),
+    ]
+    for args, message in errors:
+        grid = [] if 'give --outdir' in message else [f'--grid={tmp_path / "e.png"}']
+        code, out = _run(*args, *grid)
+        assert code != 0 and message in out, (args, out)
+    assert not (tmp_path / 'e.png').exists()
