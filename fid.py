@@ -34,9 +34,10 @@ def calc(image_path, ref_path, num=50000, seed=0, batch=64, which=('fid',), dete
     """Metrics of `num` images of `image_path` (EDM semantics: fewer → error, more → random subset by `seed`)
     against `ref_path` (EDM `.npz` path/URL, or a folder/zip of reference images, all of them used).
     Returns a dict with `fid`, `is_mean`/`is_std`, `precision`/`recall` as requested in `which`."""
-    which = set(which)
-    if which - set(METRICS) or not which:
+    if set(which) - set(METRICS) or not which:
         raise ValueError(f'--metrics: expected a comma-separated subset of {",".join(METRICS)}, got {",".join(which)}')
+    which = set(which)
+    images = metrics.open_image_set(image_path, num=num, seed=seed)
     ref_set = None
     if which & {'fid', 'pr'}:
         if ref_path is None:
@@ -48,7 +49,6 @@ def calc(image_path, ref_path, num=50000, seed=0, batch=64, which=('fid',), dete
                              'reference must be a folder or zip of images, not precomputed statistics (.npz)')
         else:
             mu_ref, sigma_ref = metrics.load_ref_stats(ref_path)
-    images = metrics.open_image_set(image_path, num=num, seed=seed)
     if ref_set is not None and images.image_shape != ref_set.image_shape:
         raise ValueError(f'--images={image_path} holds {"x".join(map(str, images.image_shape))} (CxHxW) images but '
                          f'--ref={ref_path} holds {"x".join(map(str, ref_set.image_shape))}; compare sets of the '

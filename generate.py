@@ -20,10 +20,17 @@ from dnnlib.util import atomic_write
 from torch_utils import distributed as dist
 from training.checkpoint import load_network
 from training.image_grid import save_image_grid
-from training.sampling import SAMPLERS, check_class_idx, default_sampler, generate_images, is_generator, rank_batches
+from training.sampling import (DEFAULT_STEPS, SAMPLERS, check_class_idx, default_sampler, generate_images, is_generator,
+                               rank_batches)
 
-EDM_OPTIONS = ('sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise')
-GENERATOR_OPTIONS = ('middle_sigma', 'sigma_max')
+
+def sampler_options(sampler, num_steps):
+    """The sampler keyword options that have an effect for this sampler and step count."""
+    if sampler in ('heun', 'euler'):
+        return ('sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise')
+    if sampler == 'onestep':
+        return ('sigma_max',)
+    return ('sigma_min', 'sigma_max') + (('middle_sigma',) if num_steps == 2 else ())
 
 
 def parse_int_list(s):
@@ -159,11 +166,12 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, sampler
         raise click.BadParameter('onestep takes exactly 1 step; use --sampler=multistep', param_hint='--steps')
     if sampler in ('heun', 'euler') and num_steps == 1:
         raise click.BadParameter(f'{sampler} needs at least 2 steps', param_hint='--steps')
-    allowed = EDM_OPTIONS if sampler in ('heun', 'euler') else GENERATOR_OPTIONS
+    num_steps = num_steps or DEFAULT_STEPS[sampler]
     sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
     for k in sampler_kwargs:
-        if k not in allowed:
-            raise click.BadParameter(f'does not apply to --sampler={sampler}', param_hint='--' + k.replace('_', '-'))
+        if k not in sampler_options(sampler, num_steps):
+            raise click.BadParameter(f'does not apply to --sampler={sampler} with {num_steps} steps',
+                                     param_hint='--' + k.replace('_', '-'))
 
     rank, world = dist.rank(), dist.world_size()
     dist.print0(f'Generating {len(seeds)} images with the {sampler} sampler to "{outdir or grid}"...')

@@ -66,6 +66,8 @@ def open_image_set(path, num=None, seed=0):
     fewer available is an error, more → a random subset chosen with `seed`."""
     from training.dataset import ImageFolderDataset
     dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
+    if len(dataset) < 2:
+        raise ValueError(f'{path}: found {len(dataset)} image(s); FID statistics need at least 2')
     if num is not None and len(dataset) < num:
         raise ValueError(f'{path}: found {len(dataset)} images, but {num} are requested (--num={num}); '
                          f'generate more images or pass --num={len(dataset)}')

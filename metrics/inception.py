@@ -31,6 +31,12 @@ def tf1_bilinear_matrix(in_size, out_size, device=None):
     return matrix.to(device=device, dtype=torch.float32)
 
 
+def resize_tf1_bilinear(x, size):
+    """Float [..., H, W] → [..., size, size], separably: two batched matmuls."""
+    x = tf1_bilinear_matrix(x.shape[-2], size, x.device) @ x
+    return x @ tf1_bilinear_matrix(x.shape[-1], size, x.device).T
+
+
 def preprocess(images):
     """uint8-valued [N, 1|3, H, W] → float32 [N, 3, 299, 299] in [-1, 0.9921875], exactly NVIDIA's
     detector input: bilinear resize in float (never re-quantised), then (x − 128) / 128."""
@@ -39,10 +45,8 @@ def preprocess(images):
     x = images.to(torch.float32)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    height, width = x.shape[2:]
-    if (height, width) != (RESOLUTION, RESOLUTION):  # separable resize: two batched matmuls
-        x = tf1_bilinear_matrix(height, RESOLUTION, x.device) @ x
-        x = x @ tf1_bilinear_matrix(width, RESOLUTION, x.device).T
+    if x.shape[2:] != (RESOLUTION, RESOLUTION):
+        x = resize_tf1_bilinear(x, RESOLUTION)
     return (x - 128) / 128
 
 

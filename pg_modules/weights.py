@@ -199,7 +199,7 @@ def _reachable(host, timeout=PROBE_TIMEOUT_S):
 
 def _missing_weights_message(name, tried):
     _, url = _hub_sources(name)
-    ways = [f"weights={{'{name}': FILE}} (a .pth/.safetensors state dict), or a folder holding {name}.pth or "
+    ways = [f"weights={{'{name}': FILE}} (a .pth/.safetensors state dict with torchvision/timm key names), or a folder holding {name}.pth or "
             f"{name}.safetensors passed as weights=DIR or via ${WEIGHTS_DIR_ENV}",
             f'the hub cache: download {url} on a connected machine and place it at {_hub_path(url)}']
     if name == 'tf_efficientnet_lite0':

@@ -77,6 +77,18 @@ def test_unsafe_mode_uses_original_code_semantics():
     assert relative_error(y, golden['y']) < TOLERANCE
 
 
+def test_unsafe_mode_runs_edm_augment_pipe():
+    # EDM snapshots carry an AugmentPipe whose embedded source imports torch_utils.misc.
+    pkl, _ = fixture('edm_edm_ncsnpp_uncond32')
+    snap = checkpoint.load_snapshot(pkl, allow_unsafe_pickle=True)
+    assert type(snap['augment_pipe']).__name__ == 'AugmentPipe'
+    torch.manual_seed(0)
+    images, labels = snap['augment_pipe'](torch.zeros(2, 3, 32, 32))
+    assert images.shape == (2, 3, 32, 32) and labels.shape == (2, 9)
+    # In safe mode the same object is an inert record.
+    assert isinstance(checkpoint.load_snapshot(pkl)['augment_pipe'], checkpoint.PersistentRecord)
+
+
 class ShellCommand:
     def __init__(self, path):
         self.path = path

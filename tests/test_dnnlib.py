@@ -25,6 +25,9 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
             raise RuntimeError('interrupted')
     assert path.read_bytes() == b'old'
     assert os.listdir(tmp_path) == ['f.bin']  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_open_url_local_file_and_cache(tmp_path, monkeypatch):

@@ -216,33 +216,44 @@ def test_d_runs_in_float32_under_autocast():
     torch.testing.assert_close(value, loss.discriminator_loss(D, img, img, None, 1.0)[0])
 
 
-def real_d(diffaug):
+DEIT = 'deit_base_distilled_patch16_224'
+
+
+def real_d(diffaug=False):
+    """The real projected D with a random DeiT layout at 1/24 width (its attention is what R1 must
+    differentiate twice)."""
     from pg_modules.discriminator import ProjectedDiscriminator
-    D = ProjectedDiscriminator(backbones=['tf_efficientnet_lite0'], pretrained=False, interp224=False,
-                               diffaug=diffaug, seed=0, log=lambda *args: None).train()
+    D = ProjectedDiscriminator(backbones=[DEIT], pretrained=False, diffaug=diffaug, seed=0, log=lambda *args: None,
+                               backbone_kwargs={DEIT: dict(embed_dim=32, num_heads=2)}).train()
     if 'augment' not in inspect.signature(D.features).parameters or not hasattr(D, 'diffaug'):
         pytest.skip('pg_modules ProjectedDiscriminator lacks features(img, augment=...) / .diffaug, which R1 needs '
                     'to bypass DiffAugment')
     return D
 
 
-def test_with_real_discriminator_and_generator():
-    """Integration: tiny D2O generator + the real projected D (random EfficientNet-Lite0, 16² input)."""
-    G, D = tiny_generator(), real_d(diffaug=False)
+def test_generator_loss_with_real_discriminator():
+    """Integration: tiny D2O generator (freeze level 2) + the real projected D."""
+    G, D = tiny_generator(), real_d()
     trainable = {n for n, _ in freeze.select_trainable(G, level=2)}
     D.requires_grad_(False)
     torch.manual_seed(0)
-    g_loss, _ = loss.generator_loss(G, D, torch.randn(2, 3, 16, 16), None, 32.0)
-    g_loss.backward()
+    value, _ = loss.generator_loss(G, D, torch.randn(2, 3, 16, 16), None, 32.0)
+    value.backward()
     assert {n for n, p in G.named_parameters() if p.grad is not None} == trainable
     assert all(p.grad is None for p in D.parameters())
-    # R1 ignores DiffAugment: a D that augments (same seed → same weights) gives the same penalty.
-    D.requires_grad_(True)
-    real = torch.rand(2, 3, 16, 16) * 2 - 1
-    r1, _ = loss.r1_penalty(D, real, None, 1e-4)
-    r1_aug, _ = loss.r1_penalty(real_d(diffaug=True), real, None, 1e-4)
-    torch.testing.assert_close(r1, r1_aug, rtol=1e-6, atol=0)
-    r1.backward()
+
+
+def test_r1_with_real_discriminator():
+    """R1 through DeiT attention (double backward) and without DiffAugment: a D that augments gives the
+    same penalty as one that does not."""
+    real = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    D, D_aug = real_d(), real_d(diffaug=True)
+    D_aug.load_state_dict(D.state_dict())  # same weights and spectral-norm vectors
+    with torch.no_grad():  # D_aug's own passes do augment
+        assert not torch.equal(D_aug.features(real)[0][0], D_aug.features(real, augment=False)[0][0])
+    value, _ = loss.r1_penalty(D, real, None, 1e-4)
+    torch.testing.assert_close(value, loss.r1_penalty(D_aug, real, None, 1e-4)[0], rtol=1e-6, atol=0)
+    value.backward()
     assert all(p.grad is None for p in D.feature_networks.parameters())
     assert sum(p.grad.abs().sum() for p in D.trainable_parameters() if p.grad is not None) > 0
 

@@ -237,3 +237,13 @@ def test_generate_images_is_batch_size_invariant(fixtures_dir, name, sampler):
     else:
         expected = generator_sample(net, latents.double(), labels, num_steps=1 if sampler == 'onestep' else 2)
     assert torch.equal(by_8[0][1], to_uint8(expected))
+
+
+def test_generate_images_checks_arguments_eagerly():
+    net = GaussianDenoiser()
+    with pytest.raises(ValueError, match='unconditional'):
+        generate_images(net, [0], class_idx=0)
+    with pytest.raises(ValueError, match='exactly 1 step'):
+        generate_images(net, [0], sampler='onestep', num_steps=2)
+    with pytest.raises(ValueError, match='unknown sampler'):
+        generate_images(net, [0], sampler='ddim')

@@ -11,6 +11,7 @@ part) and `D.score(features, c)` (trainable part), `D.diffaug` (whether D's own 
 """
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from training import sampling
 
@@ -100,7 +101,9 @@ def r1_features(D, real_img):
     with the graph to the leaf. Pass the pair to r1_penalty, and to discriminator_loss when both stages run
     in one iteration, to compute the frozen feature networks once on the reals."""
     x = real_img.detach().float().requires_grad_(True)
-    with _no_autocast(x.device):
+    # R1 differentiates twice through the frozen feature net: fused attention kernels (DeiT's
+    # scaled_dot_product_attention) have no double backward, the math kernel has.
+    with _no_autocast(x.device), sdpa_kernel(SDPBackend.MATH):
         return x, D.features(x, augment=False)
 
 

@@ -6,7 +6,8 @@ import math
 import torch
 
 GENERATOR_CLASS = 'D2OPrecond'  # networks sampled with the generator schedule by default
-SAMPLERS = ('heun', 'euler', 'onestep', 'multistep')
+DEFAULT_STEPS = {'heun': 18, 'euler': 18, 'onestep': 1, 'multistep': 2}
+SAMPLERS = tuple(DEFAULT_STEPS)
 
 
 def is_generator(net):
@@ -151,24 +152,25 @@ def rank_batches(seeds, batch, rank=0, world_size=1):
 
 def generate_images(net, seeds, sampler=None, num_steps=None, class_idx=None, batch=64, rank=0, world_size=1,
                     device=None, **sampler_kwargs):
-    """Yield (batch_seeds, uint8 NHWC images on `device`) for this rank's share of `seeds`.
+    """Iterator of (batch_seeds, uint8 NHWC images on `device`) for this rank's share of `seeds`.
 
     sampler: 'heun' / 'euler' (edm_sampler; default 18 steps; kwargs sigma_min, sigma_max, rho, S_churn,
     S_min, S_max, S_noise) or 'onestep' / 'multistep' (generator_sample in float64 with force_fp32, as
-    D2O's generate.py; default 1 / 2 steps; kwargs middle_sigma, sigma_max). None picks onestep for a
-    D2OPrecond, heun otherwise. The caller puts `net` in eval mode."""
+    D2O's generate.py; default 1 / 2 steps; kwargs middle_sigma, sigma_min, sigma_max). None picks onestep
+    for a D2OPrecond, heun otherwise. Arguments are checked before the first batch is drawn.
+    The caller puts `net` in eval mode."""
     sampler = sampler or default_sampler(net)
     if sampler not in SAMPLERS:
         raise ValueError(f'unknown sampler {sampler!r}; expected one of {", ".join(SAMPLERS)}')
     if sampler == 'onestep' and num_steps not in (None, 1):
         raise ValueError(f'the onestep sampler takes exactly 1 step, got num_steps={num_steps}')
-    num_steps = num_steps or {'heun': 18, 'euler': 18, 'onestep': 1, 'multistep': 2}[sampler]
+    num_steps = num_steps or DEFAULT_STEPS[sampler]
     check_class_idx(net.label_dim, class_idx)
     if device is None:
         device = next(iter(net.parameters()), torch.empty(0)).device
     shape = [net.img_channels, net.img_resolution, net.img_resolution]
 
-    for batch_seeds in rank_batches(seeds, batch, rank, world_size):
+    def sample(batch_seeds):
         latents, class_labels, rnd = seeded_latents(batch_seeds, shape, device, net.label_dim, class_idx)
         with torch.no_grad():
             if sampler in ('heun', 'euler'):
@@ -177,4 +179,5 @@ def generate_images(net, seeds, sampler=None, num_steps=None, class_idx=None, ba
             else:
                 images = generator_sample(net, latents.to(torch.float64), class_labels, num_steps=num_steps,
                                           force_fp32=True, **sampler_kwargs)
-        yield batch_seeds, to_uint8(images)
+        return batch_seeds, to_uint8(images)
+    return map(sample, rank_batches(seeds, batch, rank, world_size))
