@@ -23,9 +23,9 @@ import PIL.ImageDraw
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER = os.path.join(ROOT, 'demo', 'teacher-synth32.pkl')
 # The exact command that produced the committed teacher (`make teacher` re-runs it).
-TEACHER_ARGS = ['--loss=edm', '--precond=edm', '--arch=ncsnpp', '--cbase=24', '--cres=1,2,2', '--dropout=0',
+TEACHER_ARGS = ['--loss=edm', '--precond=edm', '--arch=ncsnpp', '--cbase=16', '--cres=1,2,2', '--dropout=0',
                 '--batch=32', '--lr=1e-3', '--lr-rampup=1', '--ema=0.01', '--ema-warmup=0.05', '--duration=0.5',
-                '--tick=4', '--snap=5', '--dump=5', '--seed=0', '--workers=0']
+                '--tick=4', '--snap=5', '--dump=5', '--seed=0', '--workers=0', '--grid-seeds=16']
 
 
 def run(stage, args, log):

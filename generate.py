@@ -23,6 +23,9 @@ from training.image_grid import save_image_grid
 from training.sampling import (DEFAULT_STEPS, SAMPLERS, check_class_idx, default_sampler, generate_images, is_generator,
                                rank_batches)
 
+POSITIVE = click.FloatRange(min=0, min_open=True)
+NON_NEGATIVE = click.FloatRange(min=0)
+
 
 def sampler_options(sampler, num_steps):
     """The sampler keyword options that have an effect for this sampler and step count."""
@@ -120,15 +123,16 @@ def gather_images(local):
 @click.option('--steps', 'num_steps', help='Steps  [default: heun/euler 18, multistep 2]', metavar='INT',
               type=click.IntRange(min=1))
 @click.option('--middle-sigma', help='Intermediate noise level of 2-step multistep  [default: 0.8]', metavar='FLOAT',
-              type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma-min', help='Lowest noise level  [default: 0.002]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma-max', help='Highest noise level  [default: 80]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--rho', help='Time step exponent  [default: 7]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--S-churn', 'S_churn', help='Stochasticity strength  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S-min', 'S_min', help='Stoch. min noise level  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S-max', 'S_max', help='Stoch. max noise level  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
+              type=POSITIVE)
+@click.option('--sigma-min', help='Lowest noise level  [default: 0.002]', metavar='FLOAT', type=POSITIVE)
+@click.option('--sigma-max', help='Highest noise level  [default: 80]', metavar='FLOAT', type=POSITIVE)
+@click.option('--rho', help='Time step exponent  [default: 7]', metavar='FLOAT', type=POSITIVE)
+@click.option('--S-churn', 'S_churn', help='Stochasticity strength  [default: 0]', metavar='FLOAT', type=NON_NEGATIVE)
+@click.option('--S-min', 'S_min', help='Stoch. min noise level  [default: 0]', metavar='FLOAT', type=NON_NEGATIVE)
+@click.option('--S-max', 'S_max', help='Stoch. max noise level  [default: inf]', metavar='FLOAT', type=NON_NEGATIVE)
 @click.option('--S-noise', 'S_noise', help='Stoch. noise inflation  [default: 1]', metavar='FLOAT', type=float)
-@click.option('--key', help='Snapshot entry to sample from', type=click.Choice(['ema', 'net']), default='ema', show_default=True)
+@click.option('--key', help='Snapshot entry to sample from', type=click.Choice(['ema', 'net']), default='ema',
+              show_default=True)
 @click.option('--grid', help='Also save all images as one grid picture', metavar='PNG')
 @click.option('--device', help='Torch device  [default: cuda (per rank) if available, else cpu]', metavar='STR')
 @click.option('--allow-unsafe-pickle', help='Let the pickle run its own code (only for trusted files)', is_flag=True)
@@ -147,7 +151,8 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, sampler
     try:
         net = load_network(network_pkl, key=key, allow_unsafe_pickle=allow_unsafe_pickle)
     except (OSError, KeyError, ValueError, pickle.UnpicklingError) as err:
-        raise click.BadParameter(err.args[0] if isinstance(err, KeyError) else str(err), param_hint='--network') from None
+        message = err.args[0] if isinstance(err, KeyError) else str(err)
+        raise click.BadParameter(message, param_hint='--network') from None
     if dist.rank() == 0:
         dist.barrier()
     net = net.eval().requires_grad_(False).to(device)
@@ -161,7 +166,8 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, sampler
         raise click.BadParameter(f'multistep needs a D2O generator (it passes sigma_next); '
                                  f'{type(net).__name__} supports heun, euler or onestep', param_hint='--sampler')
     if is_generator(net) != (sampler in ('onestep', 'multistep')):
-        dist.print0(f'Note: sampling {type(net).__name__} with --sampler={sampler} (its usual sampler is {default_sampler(net)}).')
+        dist.print0(f'Note: sampling {type(net).__name__} with --sampler={sampler} '
+                    f'(its usual sampler is {default_sampler(net)}).')
     if sampler == 'onestep' and num_steps not in (None, 1):
         raise click.BadParameter('onestep takes exactly 1 step; use --sampler=multistep', param_hint='--steps')
     if sampler in ('heun', 'euler') and num_steps == 1:

@@ -69,7 +69,7 @@ def storage_from_legacy_bytes(data):
     """`torch.storage._load_from_bytes`: a legacy torch.save stream holding one storage (checkpoint-format
     §2.5); torch's own weights-only loader reads it."""
     storage = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
-    return torch.empty(0, dtype=storage.dtype).set_(storage.untyped_storage())
+    return torch.empty(0, dtype=storage.dtype).set_(storage)
 
 
 def reconstruct_persistent_obj(meta):

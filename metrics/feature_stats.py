@@ -26,14 +26,15 @@ def compute_feature_stats(batches, detector, num_images, capture_features=False,
     """Feature statistics of `num_images` images spread over the ranks.
 
     `batches` yields this rank's `(indices, images)`: global image indices (0..num_images−1, each on
-    exactly one rank) and uint8 [B, C, H, W] images. Returns an EasyDict with `num`, `mu` [2048] and
-    `sigma` [2048, 2048] (float64 numpy, unbiased covariance) and `features` (float32 torch [N, 2048] on
-    the detector's device, or None). `progress`: total batch count for a tqdm bar on rank 0."""
-    device = next(detector.buffers()).device
-    total = torch.zeros(NUM_FEATURES, dtype=torch.float64, device=device)
-    total_outer = torch.zeros(NUM_FEATURES, NUM_FEATURES, dtype=torch.float64, device=device)
+    exactly one rank) and uint8 [B, C, H, W] images. `detector` maps such images to
+    [B, detector.num_features] (InceptionV3: 2048). Returns an EasyDict with `num`, `mu` [D] and
+    `sigma` [D, D] (float64 numpy, unbiased covariance) and `features` (float32 torch [N, D] on the
+    detector's device, or None). `progress`: total batch count for a tqdm bar on rank 0."""
+    device, dim = next(detector.buffers()).device, detector.num_features
+    total = torch.zeros(dim, dtype=torch.float64, device=device)
+    total_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
     count = torch.zeros([], dtype=torch.float64, device=device)
-    features = torch.zeros(num_images, NUM_FEATURES, device=device) if capture_features else None
+    features = torch.zeros(num_images, dim, device=device) if capture_features else None
     bar = tqdm.tqdm(total=progress, unit='batch', disable=progress is None or dist.rank() != 0)
     with torch.inference_mode():
         for indices, images in batches:

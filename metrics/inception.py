@@ -59,8 +59,7 @@ class Conv2dLayer(nn.Module):
         super().__init__()
         kernel = (kernel, kernel) if isinstance(kernel, int) else kernel
         self.stride, self.padding = stride, padding
-        fan_in = in_channels * kernel[0] * kernel[1]
-        self.register_buffer('weight', torch.randn(out_channels, in_channels, *kernel) * (2 / fan_in) ** 0.5)
+        self.register_buffer('weight', torch.zeros(out_channels, in_channels, *kernel))  # always loaded
         self.register_buffer('beta', torch.zeros(out_channels))
         self.register_buffer('mean', torch.zeros(out_channels))
         self.register_buffer('var', torch.ones(out_channels))
@@ -163,6 +162,7 @@ class InceptionE(nn.Module):
 class InceptionV3(nn.Module):
     """`forward(images)`: uint8-valued NCHW images of any size → float32 [N, 2048] pool3 features.
     `logits(features)`: the 1008-way head of NVIDIA's file (`with_logits=True`), for the Inception Score."""
+    num_features = NUM_FEATURES
 
     def __init__(self, with_logits=False):
         super().__init__()

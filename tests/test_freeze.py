@@ -105,6 +105,7 @@ def test_train_groups_and_partial_table(full_size):
     names = [n for n, _ in trainable]
     assert names and all(freeze.param_group(n) == 'norm' for n in names)
     assert not any(p.requires_grad for n, p in net.named_parameters() if n not in names)
+    assert freeze.select_trainable(net, level=0, train_groups=['norm']) == trainable  # level 0 freezes nothing itself
     assert len(freeze.select_trainable(net)) == len(list(net.parameters()))  # neither → train all
     assert all(p.requires_grad for p in net.parameters())
     half = [n for n, _ in net.named_parameters() if freeze.param_group(n) == 'qkv'][::2]

@@ -47,25 +47,25 @@ def param_group(name):
 
 
 def select_trainable(net, level=None, train_groups=None):
-    """Freeze by `--freeze` level or by naming the groups to train (not both; neither = train all).
+    """Freeze by `--freeze` level or by naming the groups to train (a level > 0 and groups together are an
+    error; neither = train all).
     Sets requires_grad on every parameter (False = no weight gradients are computed) and returns the
     trainable (name, param) pairs in named_parameters() order, for the optimizer."""
-    if level is not None and train_groups is not None:
-        raise ValueError('freeze: give either level or train_groups, not both')
+    if level and train_groups is not None:
+        raise ValueError(f'freeze: give either --freeze={level} or train_groups {list(train_groups)}, not both')
     if train_groups is None:
-        if level not in FREEZE_LEVELS and level is not None:
+        level = level or 0
+        if level not in FREEZE_LEVELS:
             raise ValueError(f'freeze: --freeze={level} is not a level; expected one of {sorted(FREEZE_LEVELS)}')
-        frozen = FREEZE_LEVELS[level or 0]
+        frozen = FREEZE_LEVELS[level]
         train_groups = [g for g in GROUPS if g not in frozen]
     unknown = set(train_groups) - set(GROUPS)
     if unknown:
         raise ValueError(f'freeze: unknown group(s) {sorted(unknown)}; expected names from {GROUPS}')
-    trainable = []
-    for name, param in net.named_parameters():
-        param.requires_grad_(param_group(name) in train_groups)
-        if param.requires_grad:
-            trainable.append((name, param))
-    return trainable
+    named = [(name, param, param_group(name)) for name, param in net.named_parameters()]  # all names valid first
+    for _, param, group in named:
+        param.requires_grad_(group in train_groups)
+    return [(name, param) for name, param, group in named if group in train_groups]
 
 
 def freeze_table(net, trainable_names):

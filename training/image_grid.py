@@ -13,7 +13,8 @@ def image_grid(images, cols=None):
     black; cols defaults to ceil(sqrt(N)) for a near-square grid."""
     images = np.asarray(images.cpu() if hasattr(images, 'cpu') else images)
     if images.ndim != 4 or images.dtype != np.uint8 or images.shape[0] == 0:
-        raise ValueError(f'image_grid expects a non-empty uint8 [N,H,W,C] array, got {images.dtype} {list(images.shape)}')
+        raise ValueError(f'image_grid expects a non-empty uint8 [N,H,W,C] array, '
+                         f'got {images.dtype} {list(images.shape)}')
     n, h, w, c = images.shape
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)

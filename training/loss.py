@@ -79,7 +79,8 @@ def discriminator_loss(D, real_img, fake_img, labels, adv_scale, loss_type='ns',
     """D main: separate passes for fakes (detached here: no gradient reaches G) and reals, so BatchNorm
     normalises each with its own batch statistics as in the official code.
     `real_features`: r1_features(D, real_img) computed for an R1 stage in the same iteration; the real pass
-    then reuses its frozen features (exactly D's own real pass, since D does not augment — checked)."""
+    then reuses those frozen features instead of recomputing them. Equivalent to D's own real pass only when
+    D does not augment (checked); identical up to rounding where R1's math attention kernel replaces a fused one."""
     _check_loss_type(loss_type)
     with _no_autocast(real_img.device):
         logits_fake = D(fake_img.detach().float(), labels)

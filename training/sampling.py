@@ -28,8 +28,9 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
     sigma_max = min(sigma_max, net.sigma_max)
 
     # Time steps: ρ-spaced from σmax to σmin, rounded to what the net supports, then 0.
-    i = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
-    t_steps = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    step = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    t_steps = (hi + step / (num_steps - 1) * (lo - hi)) ** rho
     t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
 
     x_next = latents.to(torch.float64) * t_steps[0]
@@ -52,7 +53,8 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
 
 
 def cut_sigma(r, sigma_min=0.002, sigma_max=80.0, rho=7):
-    """ρ-schedule point at fraction r ∈ [0,1]: r=1 → σmax, r=0 → σmin (d2o-method.md §7; the paper's T(i,N), r=i/N)."""
+    """ρ-schedule point at fraction r ∈ [0,1]: r=1 → σmax, r=0 → σmin (d2o-method.md §7; the paper's
+    T(i,N) with r=i/N)."""
     return (sigma_max ** (1 / rho) + (1 - r) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
@@ -132,7 +134,8 @@ def check_class_idx(label_dim, class_idx):
     if not label_dim:
         raise ValueError(f'class index {class_idx} given, but the network is unconditional (label_dim=0)')
     if not 0 <= class_idx < label_dim:
-        raise ValueError(f'class index {class_idx} out of range: the network has {label_dim} classes (0..{label_dim - 1})')
+        raise ValueError(f'class index {class_idx} out of range: the network has {label_dim} classes '
+                         f'(0..{label_dim - 1})')
 
 
 def to_uint8(images):

@@ -29,6 +29,7 @@ from training.dataset import ImageFolderDataset
 from training.image_grid import save_image_grid
 
 R1_INTERVAL = losses.R1_INTERVAL  # lazy R1 every 16 iterations, its loss multiplied by 16 (d2o-method.md §4)
+PAPER_NUM_GPUS = 8  # default adv_scale = the paper's per-GPU batch (loss.py, d2o-method.md §6)
 ADAM_BETAS = (0.0, 0.99)  # paper Table 10; 0.0 not 0 (int/float mix fails in torch's Adam, §12.10)
 
 ARCHS = {  # d2o-method.md §2
@@ -286,11 +287,9 @@ def run(cfg):
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = device.type == 'cuda'
 
-    # Seeds: one per rank for noise; the data order and D's random projections use the run seed itself,
-    # so they are identical on every rank (fixes §12.5).
-    np.random.seed((cfg.seed * world + rank) % (1 << 31))
-    random.seed(cfg.seed * world + rank)
-    torch.manual_seed(np.random.randint(1 << 31))
+    # Networks are built from the run seed alone, so G, D (incl. its random projections, §12.5) and EMA start
+    # identical on every rank without any broadcast; the per-rank noise seeds are set after construction.
+    torch.manual_seed(cfg.seed)
 
     resume_path = find_resume_state(cfg)
     resume = torch.load(resume_path, map_location='cpu', weights_only=True) if resume_path else None
@@ -339,7 +338,7 @@ def run(cfg):
             log(f'Discriminator: backbones {backbones}, {sum(p.numel() for p in d_params):,} '
                 f'trainable parameters; feature weights: {D.weights_info}')
         loss_fn = None if gan else DIFFUSION_LOSSES[cfg.loss]()
-        adv_scale = cfg.adv_scale if cfg.adv_scale is not None else cfg.batch / 8
+        adv_scale = cfg.adv_scale if cfg.adv_scale is not None else cfg.batch / PAPER_NUM_GPUS
 
         # Counters, possibly restored.
         cur_nimg = cur_tick = batch_idx = nonfinite_streak = 0
@@ -370,6 +369,9 @@ def run(cfg):
                                              persistent_workers=cfg.workers > 0,
                                              generator=torch.Generator().manual_seed(cfg.seed))
         data_iter = iter(loader)
+        np.random.seed((cfg.seed * world + rank) % (1 << 31))
+        random.seed(cfg.seed * world + rank)
+        torch.manual_seed(np.random.randint(1 << 31))
         if resume is not None:
             set_rng_state(resume['rng'][rank])
 
@@ -573,7 +575,7 @@ def run(cfg):
                 previous = open(stats_path).read() if os.path.exists(stats_path) else ''
                 with dnnlib.atomic_write(stats_path, 'w') as f:
                     f.write(previous + json.dumps(record) + '\n')
-            snapshot = done or cur_tick % cfg.snap == 0
+            snapshot = done or interrupted or cur_tick % cfg.snap == 0
             save_outputs(snapshot=snapshot, dump=done or interrupted or (cur_tick % cfg.dump == 0 and cur_tick != 0))
             if snapshot:
                 evaluate_metrics()

