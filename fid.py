@@ -4,7 +4,8 @@
   torchrun --standalone --nproc_per_node=8 fid.py calc --images=out --ref=fid-refs/cifar10-32x32.npz
   python fid.py calc --images=out --ref=datasets/cifar10-32x32.zip --metrics=fid,is,pr
 
-Results are printed by rank 0 as `name value` lines (`fid`, `is_mean`, `is_std`, `precision`, `recall`)."""
+Results are printed by rank 0 as `name value` lines (`fid`, `is_mean`, `is_std`, `precision`, `recall`).
+Under torchrun, put `--` before `calc` when passing `--num`: torchrun would read it as `--numa-binding`."""
 import functools
 import os
 import zipfile
@@ -80,12 +81,14 @@ def main():
 
 
 def user_errors(fn):
-    """Report bad inputs as one-line click errors instead of tracebacks."""
+    """Report bad inputs as one-line click errors instead of tracebacks (once, from rank 0)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, OSError, RuntimeError) as err:
+            if dist.rank() != 0:
+                raise SystemExit(1) from None
             raise click.ClickException(str(err)) from None
     return wrapper
 
@@ -106,7 +109,8 @@ def user_errors(fn):
 def calc_command(image_path, ref_path, num, seed, batch, which, detector, workers):
     """Metrics of generated images against a reference."""
     dist.init()
-    results = calc(image_path, ref_path, num, seed, batch, [name.strip() for name in which.split(',')], detector, workers)
+    which = [name.strip() for name in which.split(',')]
+    results = calc(image_path, ref_path, num, seed, batch, which, detector, workers)
     for name, value in results.items():
         dist.print0(f'{name} {value:g}')
 

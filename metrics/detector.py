@@ -31,12 +31,11 @@ STORAGE_DTYPES = {'FloatStorage': torch.float32, 'DoubleStorage': torch.float64,
 
 
 class InertNode:
-    """Stand-in for any class or function named in a pickle: records constructor args and state, runs nothing."""
-    global_name = '?'
+    """Stand-in for every class or function a pickle names: keeps the state/items it is given, runs nothing."""
 
     def __new__(cls, *args, **kwargs):
         node = object.__new__(cls)
-        node.args, node.state, node.items = args, None, {}
+        node.state, node.items = None, {}
         return node
 
     def __init__(self, *args, **kwargs):
@@ -45,15 +44,8 @@ class InertNode:
     def __setstate__(self, state):
         self.state = state
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key, value):  # dict subclasses (e.g. EasyDict) are filled item by item
         self.items[key] = value
-
-    def append(self, value):
-        self.items[len(self.items)] = value
-
-    def extend(self, values):
-        for value in values:
-            self.append(value)
 
 
 def rebuild_tensor(storage, offset, size, stride, *_ignored):
@@ -100,7 +92,7 @@ class SafeUnpickler(pickle.Unpickler):
             return self.SAFE_GLOBALS[module, name]
         if module == 'torch' and name in STORAGE_DTYPES:
             return STORAGE_DTYPES[name]
-        return type(name, (InertNode,), dict(global_name=f'{module}.{name}'))
+        return InertNode
 
     def persistent_load(self, pid):
         if self.zip_storage is None or not (isinstance(pid, tuple) and pid and pid[0] == 'storage'):
@@ -115,6 +107,7 @@ def collect_tensors(obj, prefix, out):
         out[prefix] = obj
     elif isinstance(obj, InertNode):
         collect_tensors(obj.state, prefix, out)
+        collect_tensors(obj.items, prefix, out)
     elif isinstance(obj, dict):
         for key, value in obj.items():
             if key in ('_parameters', '_buffers', '_modules'):

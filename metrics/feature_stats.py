@@ -12,6 +12,7 @@ import tqdm
 from dnnlib import util
 from metrics.inception import NUM_FEATURES
 from torch_utils import distributed as dist
+from training.dataset import ImageFolderDataset
 
 
 def rank_chunks(num_items, batch):
@@ -65,7 +66,6 @@ def compute_feature_stats(batches, detector, num_images, capture_features=False,
 def open_image_set(path, num=None, seed=0):
     """ImageFolderDataset over a folder/zip: all images (`num=None`), or `num` of them as EDM's fid.py —
     fewer available is an error, more → a random subset chosen with `seed`."""
-    from training.dataset import ImageFolderDataset
     dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
     if len(dataset) < 2:
         raise ValueError(f'{path}: found {len(dataset)} image(s); FID statistics need at least 2')

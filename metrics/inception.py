@@ -52,23 +52,31 @@ def preprocess(images):
 
 class Conv2dLayer(nn.Module):
     """conv (no bias) → BatchNorm(gamma = 1, eps = 1e-3, running stats) → ReLU, as NVIDIA's layer.
-    The BN is folded into the conv weight and bias on every call: one conv instead of conv + BN, while the
-    state dict keeps NVIDIA's names and values."""
+    The state dict holds NVIDIA's `weight/beta/mean/var`; after every `load_state_dict` they are folded
+    into one conv weight and bias (exact algebra: w·s, beta − mean·s with s = 1/√(var + eps)), kept as
+    non-persistent buffers, so a forward is one conv + ReLU per layer. channels_last weights and inputs make
+    PyTorch's CPU convolutions take the oneDNN path (≈1.5× faster here than its default NCHW kernels)."""
 
     def __init__(self, in_channels, out_channels, kernel, stride=1, padding=0):
         super().__init__()
         kernel = (kernel, kernel) if isinstance(kernel, int) else kernel
         self.stride, self.padding = stride, padding
-        self.register_buffer('weight', torch.zeros(out_channels, in_channels, *kernel))  # always loaded
+        self.register_buffer('weight', torch.zeros(out_channels, in_channels, *kernel))
         self.register_buffer('beta', torch.zeros(out_channels))
         self.register_buffer('mean', torch.zeros(out_channels))
         self.register_buffer('var', torch.ones(out_channels))
+        self.register_buffer('folded_weight', None, persistent=False)
+        self.register_buffer('folded_bias', None, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _incompatible_keys: module.fold_batchnorm())
+
+    @torch.no_grad()
+    def fold_batchnorm(self):
+        scale = (self.var + BN_EPS).rsqrt()
+        self.folded_weight = (self.weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
+        self.folded_bias = self.beta - self.mean * scale
 
     def forward(self, x):
-        scale = (self.var + BN_EPS).rsqrt()
-        weight = self.weight * scale.view(-1, 1, 1, 1)
-        bias = self.beta - self.mean * scale
-        return F.relu(F.conv2d(x, weight, bias, self.stride, self.padding))
+        return F.relu(F.conv2d(x, self.folded_weight, self.folded_bias, self.stride, self.padding), inplace=True)
 
 
 def tower(*layers, **named):
@@ -190,9 +198,16 @@ class InceptionV3(nn.Module):
         self.output = nn.Linear(NUM_FEATURES, NUM_CLASSES) if with_logits else None
 
     def forward(self, images):
-        with torch.autocast(images.device.type, enabled=False):  # features are always computed in float32
-            x = preprocess(images).contiguous(memory_format=torch.channels_last)
-            return self.layers(x).flatten(1)
+        # Features in true float32 whatever the caller's settings: no autocast, and no TF32 convolutions
+        # (PyTorch allows TF32 in cuDNN convolutions by default).
+        allow_tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.autocast(images.device.type, enabled=False):
+                x = preprocess(images).contiguous(memory_format=torch.channels_last)
+                return self.layers(x).flatten(1)
+        finally:
+            torch.backends.cudnn.allow_tf32 = allow_tf32
 
     def require_logits(self):
         if self.output is None:

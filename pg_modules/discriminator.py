@@ -2,7 +2,7 @@
 
 Per backbone: a frozen `FeatureNetwork` (feature_networks.py) yields 4 projected maps, and 4 trainable
 spectral-norm mini-discriminators turn them into logit maps, flattened and concatenated to [B, N_k].
-`features(img)` is the frozen part and `score(features, c)` the trainable one, so the training loop can reuse
+`features(img, augment=True)` is the frozen part and `score(features, c)` the trainable one, so the training loop can reuse
 real-image features for the D step and R1; `forward(img, c) = score(features(img), c)`."""
 import math
 
@@ -13,6 +13,7 @@ from torch.nn.utils import spectral_norm
 
 from .class_embedding import EMBED_DIM, load_class_embedding
 from .feature_networks import FeatureNetwork
+from .projector import CSM_CHANNELS
 
 # Official `--backbone` integers; 2 (hf_hub ViT + EfficientNet-B0) is not supported, >= 3 means lite0 only.
 BACKBONE_SETS = {
@@ -115,7 +116,7 @@ class ProjectedDiscriminator(nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         backbone_kwargs = backbone_kwargs or {}
-        self.c_dim = c_dim
+        self.c_dim, self.diffaug = c_dim, diffaug
         self.feature_networks = nn.ModuleDict({
             name: FeatureNetwork(name, generator, pretrained=pretrained, weights=weights, interp224=interp224,
                                  diffaug=diffaug, log=log, **backbone_kwargs.get(name, {}))
@@ -124,9 +125,8 @@ class ProjectedDiscriminator(nn.Module):
         embed_table, self.embedding_info = self._class_embedding(c_dim, embedding)
         if embed_table is not None:
             log(f'D class embedding: {self.embedding_info}')
-        # CSM output channels [64, 64, 128, 256] are the same for every backbone.
-        self.discriminators = nn.ModuleDict({name: MultiScaleD([64, 64, 128, 256], embed_table)
-                                             for name in backbones})
+        # The projected maps have CSM_CHANNELS = [64, 64, 128, 256] whatever the backbone.
+        self.discriminators = nn.ModuleDict({name: MultiScaleD(CSM_CHANNELS, embed_table) for name in backbones})
 
     @staticmethod
     def _class_embedding(c_dim, embedding):
@@ -149,9 +149,10 @@ class ProjectedDiscriminator(nn.Module):
         self.discriminators.requires_grad_(requires_grad)
         return self
 
-    def features(self, img):
-        """Frozen part: per backbone, its 4 projected feature maps."""
-        return [net(img) for net in self.feature_networks.values()]
+    def features(self, img, augment=True):
+        """Frozen part: per backbone, its 4 projected feature maps. augment=False skips DiffAugment (R1 uses
+        clean reals, d2o-method.md §5)."""
+        return [net(img, augment) for net in self.feature_networks.values()]
 
     def score(self, features, c=None):
         """Trainable part: per backbone, logits [B, N_k]. The class index is argmax(c)."""

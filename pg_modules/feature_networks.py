@@ -114,6 +114,7 @@ class FrozenGroupedConv2d(nn.Module):
 
 
 def _replace_grouped_convs_(net):
+    """Swap every grouped conv of a frozen network for FrozenGroupedConv2d (same weights, same names)."""
     for name, module in list(net.named_modules()):
         if isinstance(module, nn.Conv2d) and module.groups > 1:
             parent, _, child = name.rpartition('.')
@@ -208,8 +209,8 @@ class FeatureNetwork(nn.Module):
     def train(self, mode=True):
         return super().train(False)  # frozen BatchNorm statistics, whatever the enclosing D's mode
 
-    def forward(self, x):
-        if self.diffaug:
+    def forward(self, x, augment=True):
+        if self.diffaug and augment:
             x = diff_augment(x)
         x = ((x + 1) / 2 - self.mean) / self.std
         size = self.body.input_size

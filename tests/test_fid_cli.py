@@ -1,6 +1,5 @@
 """fid.py: `ref` + `calc` round trip on tiny image sets, and the errors users meet first."""
 import io
-import re
 import zipfile
 
 import numpy as np

@@ -187,6 +187,7 @@ def test_diffaug_only_when_on():
         assert torch.equal(off(x)[0], off(x)[0])
         assert not torch.equal(on(x)[0], on(x)[0])
         assert not torch.equal(on(x)[0], off(x)[0])
+        assert torch.equal(on(x, augment=False)[0], off(x)[0])  # R1's clean pass
 
 
 def _fake_dill_pickle(path, obj, monkeypatch):
@@ -214,7 +215,8 @@ def test_official_class_embedding_pickle(tmp_path, monkeypatch):
     embed = torch.nn.Embedding(1000, 320)
     data = _fake_dill_pickle(tmp_path / 'tf_efficientnet_lite0.pkl', {'embed': embed}, monkeypatch)
     globals_used = {arg for op, arg, _ in pickletools.genops(data) if op.name == 'GLOBAL'}
-    assert {'dill._dill _load_type', 'torch.nn.modules.sparse Embedding', 'torch.storage _load_from_bytes'} <= globals_used
+    assert {'dill._dill _load_type', 'torch.nn.modules.sparse Embedding',
+            'torch.storage _load_from_bytes'} <= globals_used
     d = random_d(c_dim=10, embedding=tmp_path / 'tf_efficientnet_lite0.pkl')
     assert d.embedding_info.startswith('file ') and '1000×320' in d.embedding_info
     tables = [disc.embed.weight for disc in d.discriminators[LITE0].mini_discs.values()]

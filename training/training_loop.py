@@ -378,6 +378,7 @@ def run(cfg):
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == 'bf16')
         grid_seeds = list(range(cfg.grid_seeds))
         stats = TickStats()
+        skipped = {}  # non-finite steps skipped in the current tick, per stage (rank-consistent: grads are reduced)
         stop = {'signal': None}
 
         def on_signal(signum, _frame):
@@ -389,12 +390,12 @@ def run(cfg):
             nonlocal nonfinite_streak
             reduce_gradients(params, world)
             finite = bool(losses.grads_finite(params))
-            stats.add({f'Skipped/{stage}': torch.tensor(0.0 if finite else 1.0)})
             if finite:
                 opt.step()
                 nonfinite_streak = 0
                 return
             nonfinite_streak += 1
+            skipped[stage] = skipped.get(stage, 0) + 1
             log(f'WARNING: non-finite {stage} loss/gradients at {cur_nimg / 1000:.3f} kimg: step skipped '
                 f'({nonfinite_streak} in a row)')
             if nonfinite_streak >= cfg.max_nonfinite:
@@ -566,10 +567,13 @@ def run(cfg):
                           sec_per_kimg=(now - tick_start_time) / max(kimg_done, 1e-9), total_sec=now - start_time,
                           cpu_mem_gb=psutil.Process().memory_info().rss / 2 ** 30,
                           gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0,
-                          timestamp=now, **tick_stats)
+                          timestamp=now, **tick_stats,
+                          **{f'Skipped/{stage}': skipped.get(stage, 0) for stage in ('G', 'D', 'R1')})
+            skipped.clear()
             line = ' '.join([f'tick {cur_tick:<4d}', f'kimg {cur_nimg / 1000:<8.3f}',
                              f'sec/kimg {record["sec_per_kimg"]:<7.2f}', f'cpumem {record["cpu_mem_gb"]:.2f}'] +
-                            [f'{k} {v:.4g}' for k, v in tick_stats.items() if not k.startswith('Skipped') or v])
+                            [f'{k} {v:.4g}' for k, v in tick_stats.items()] +
+                            [f'{k} {v}' for k, v in record.items() if k.startswith('Skipped/') and v])
             if rank == 0:
                 bar.write(line)
                 previous = open(stats_path).read() if os.path.exists(stats_path) else ''
