@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # FID of one-step generators, as D2O's validation script: for every (checkpoint, reference) pair, generate
-# NUM images with seeds 0..NUM-1 in one step (generate.py --sampler=onestep, NGPUS processes via torchrun),
-# then score them with `fid.py calc` (also under torchrun) and record the result.
+# NUM images with seeds 0..NUM-1 in one step (generate.py --sampler=onestep --subdirs, NGPUS processes
+# via torchrun), then score them with `fid.py calc` (also under torchrun) and record the result.
 #
 # Usage:
 #   bash validation_fid.sh NETWORK REF [NETWORK REF ...]
@@ -24,8 +24,7 @@
 #   GEN_ARGS, FID_ARGS  extra options for generate.py / fid.py calc, e.g. GEN_ARGS="--batch=128"
 #                       FID_ARGS="--metrics=fid,is,pr --detector=inception-2015-12-05.pkl"
 #
-# Each result line is "<network> <ref> <fid.py output on one line>", e.g. "... fid 2.0312". EDM recommends
-# repeating with three seed ranges and reporting the minimum; do that with GEN_ARGS if needed.
+# Each result line is "<network> <ref> <fid.py output on one line>", e.g. "... fid 2.0312".
 set -euo pipefail
 
 NGPUS="${NGPUS:-1}"
@@ -63,7 +62,7 @@ while [ $# -gt 0 ]; do
     outdir="$OUTROOT/${name#.-}"
     echo "== $network: generating $NUM images into $outdir"
     "${torchrun[@]}" "$here/generate.py" -- --network="$network" --seeds="0-$((NUM - 1))" --outdir="$outdir" \
-        --sampler=onestep ${gen_args[@]+"${gen_args[@]}"}
+        --subdirs --sampler=onestep ${gen_args[@]+"${gen_args[@]}"}
     echo "== $network: scoring against $ref"
     scores=$("${torchrun[@]}" "$here/fid.py" -- calc --images="$outdir" --ref="$ref" --num="$NUM" \
         ${fid_args[@]+"${fid_args[@]}"} | tee /dev/stderr | grep -E '^(fid|is_mean|is_std|precision|recall) ')

@@ -67,7 +67,11 @@ class Conv2dLayer(nn.Module):
         self.register_buffer('var', torch.ones(out_channels))
         self.register_buffer('folded_weight', None, persistent=False)
         self.register_buffer('folded_bias', None, persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _incompatible_keys: module.fold_batchnorm())
+        self.register_load_state_dict_post_hook(Conv2dLayer.fold_after_load)
+
+    @staticmethod
+    def fold_after_load(module, _incompatible_keys):
+        module.fold_batchnorm()
 
     @torch.no_grad()
     def fold_batchnorm(self):
@@ -79,10 +83,10 @@ class Conv2dLayer(nn.Module):
         return F.relu(F.conv2d(x, self.folded_weight, self.folded_bias, self.stride, self.padding), inplace=True)
 
 
-def tower(*layers, **named):
-    """A branch whose children are named like NVIDIA's (`conv`, `conv_1`, …, or explicit names)."""
+def tower(*layers):
+    """A chain of layers named like NVIDIA's branches: `conv`, `conv_1`, `conv_2`, …"""
     names = ['conv'] + [f'conv_{i}' for i in range(1, len(layers))]
-    return nn.Sequential(collections.OrderedDict([*named.items(), *zip(names, layers)]))
+    return nn.Sequential(collections.OrderedDict(zip(names, layers)))
 
 
 def avg_pool():

@@ -18,7 +18,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if not np.isfinite(covmean).all():
         offset = np.eye(len(mu1)) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
+    if np.iscomplexobj(covmean):  # tolerance relative to the trace: FID-scale traces are in the hundreds
         imaginary = np.abs(np.diagonal(covmean).imag).max()
         if imaginary > 1e-3 * max(1.0, np.abs(np.trace(covmean.real))):
             raise ValueError(f'FID: matrix square root has a large imaginary component ({imaginary:g})')

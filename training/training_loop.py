@@ -298,6 +298,7 @@ def run(cfg):
     run_dir = os.path.dirname(os.path.abspath(resume_path)) if resume_path else make_run_dir(cfg, dataset, world,
                                                                                                cfg.batch)
     logger = None
+    old_handlers = {}
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         logger = Logger(os.path.join(run_dir, 'log.txt'))
@@ -341,7 +342,8 @@ def run(cfg):
         adv_scale = cfg.adv_scale if cfg.adv_scale is not None else cfg.batch / PAPER_NUM_GPUS
 
         # Counters, possibly restored.
-        cur_nimg = cur_tick = batch_idx = nonfinite_streak = 0
+        cur_nimg = cur_tick = batch_idx = 0
+        nonfinite_streak = {}  # per stage: consecutive non-finite steps
         if resume is not None:
             ema.load_state_dict(resume['G_ema'])
             opt_g.load_state_dict(resume['opt_G'])
@@ -349,7 +351,7 @@ def run(cfg):
                 D.load_state_dict(resume['D'])
                 opt_d.load_state_dict(resume['opt_D'])
             cur_nimg, cur_tick, batch_idx = resume['cur_nimg'], resume['cur_tick'], resume['batch_idx']
-            nonfinite_streak = resume['nonfinite_streak']
+            nonfinite_streak = dict(resume['nonfinite_streak'])
             if len(resume['rng']) != world:
                 raise ValueError(f'--resume={resume_path}: saved with {len(resume["rng"])} processes, now {world}; '
                                  f'exact resume needs the same process count')
@@ -383,23 +385,22 @@ def run(cfg):
 
         def on_signal(signum, _frame):
             stop['signal'] = signum
-        old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        old_handlers.update({s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)})
 
         def step(opt, params, stage):
             """All-reduce, check, step (or skip and count). One host sync per stage decides the skip."""
-            nonlocal nonfinite_streak
             reduce_gradients(params, world)
             finite = bool(losses.grads_finite(params))
             if finite:
                 opt.step()
-                nonfinite_streak = 0
+                nonfinite_streak[stage] = 0
                 return
-            nonfinite_streak += 1
+            nonfinite_streak[stage] = nonfinite_streak.get(stage, 0) + 1
             skipped[stage] = skipped.get(stage, 0) + 1
             log(f'WARNING: non-finite {stage} loss/gradients at {cur_nimg / 1000:.3f} kimg: step skipped '
-                f'({nonfinite_streak} in a row)')
-            if nonfinite_streak >= cfg.max_nonfinite:
-                raise FloatingPointError(f'{nonfinite_streak} non-finite steps in a row (--max-nonfinite='
+                f'({nonfinite_streak[stage]} in a row)')
+            if nonfinite_streak[stage] >= cfg.max_nonfinite:
+                raise FloatingPointError(f'{nonfinite_streak[stage]} non-finite {stage} steps in a row (--max-nonfinite='
                                          f'{cfg.max_nonfinite}); last in stage {stage}. Lower the learning rates or '
                                          f'check the data; the last good state is in {run_dir}')
 
@@ -590,10 +591,10 @@ def run(cfg):
             cur_tick += 1
             tick_start_nimg, tick_start_time = cur_nimg, time.time()
         bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
         log('Exiting...')
         return run_dir
     finally:
+        for signum, handler in old_handlers.items():
+            signal.signal(signum, handler)
         if logger is not None:
             logger.close()
