@@ -19,7 +19,7 @@ import PIL.Image
 from tqdm import tqdm
 
 from dnnlib import atomic_write
-from training.dataset import ImageFolderDataset, decode_image, is_image_file
+from training.dataset import decode_image, is_image_file
 from training.synth import synth_image
 
 

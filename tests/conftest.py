@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -8,7 +7,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / 'shared' / 'fixtures'
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: tests are many small ops, and on a loaded 2-core machine two OpenMP threads per
+# process wait on each other (measured 8-100x slower); subprocess tests (torchrun) also run 2 processes.
+torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: runs the full-size FID Inception network (seconds on a CPU)')
 
 
 @pytest.fixture(scope='session')

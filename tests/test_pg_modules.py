@@ -22,15 +22,6 @@ TINY_DEIT = {DEIT: dict(embed_dim=32, num_heads=2)}  # DeiT-base's layout (12 bl
 QUIET = dict(log=lambda *args: None)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two OpenMP threads wait on each other (up to 100× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_d(**kwargs):
     return ProjectedDiscriminator(pretrained=False, **QUIET, **kwargs)
 
