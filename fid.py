@@ -7,6 +7,7 @@
 Results are printed by rank 0 as `name value` lines (`fid`, `is_mean`, `is_std`, `precision`, `recall`).
 Under torchrun, put `--` before `calc` when passing `--num`: torchrun would read it as `--numa-binding`."""
 import functools
+import json
 import os
 import zipfile
 
@@ -105,14 +106,18 @@ def user_errors(fn):
 @click.option('--detector', metavar='PATH|URL', help='Inception weights (default: NVIDIA pkl, else fid-helper)')
 @click.option('--workers', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True,
               help='DataLoader worker processes')
+@click.option('--json', 'json_path', metavar='PATH', help='Also write the results (and inputs) as a JSON file')
 @user_errors
-def calc_command(image_path, ref_path, num, seed, batch, which, detector, workers):
+def calc_command(image_path, ref_path, num, seed, batch, which, detector, workers, json_path):
     """Metrics of generated images against a reference."""
     dist.init()
     which = [name.strip() for name in which.split(',')]
     results = calc(image_path, ref_path, num, seed, batch, which, detector, workers)
     for name, value in results.items():
         dist.print0(f'{name} {value:g}')
+    if json_path and dist.rank() == 0:
+        with util.atomic_write(json_path, "w") as f:
+            json.dump(dict(results, images=image_path, ref=ref_path, num=num, seed=seed), f, indent=2)
 
 
 @main.command('ref')

@@ -1,5 +1,6 @@
 """fid.py: `ref` + `calc` round trip on tiny image sets, and the errors users meet first."""
 import io
+import json
 import zipfile
 
 import numpy as np
@@ -62,9 +63,11 @@ def test_ref_then_calc_round_trip_on_the_same_features(tmp_path, monkeypatch):
         assert np.allclose(stats['mu'], real_feats.mean(0), rtol=0, atol=1e-9)
         assert np.allclose(stats['sigma'], np.cov(real_feats, rowvar=False), rtol=0, atol=1e-8)
 
-    code, out, stdout = run('calc', f'--images={fake}', f'--ref={ref}', '--num=8', *common)
+    code, out, stdout = run('calc', f'--images={fake}', f'--ref={ref}', '--num=8', f'--json={tmp_path / "r.json"}',
+                            *common)
     assert code == 0, out
     assert stdout.splitlines()[-1] == 'fid 12.5', out
+    assert json.loads((tmp_path / 'r.json').read_text())['fid'] == 12.5
     fake_feats = captured[1]
     assert np.abs(fake_feats.mean(0) - real_feats.mean(0)).max() > 0.1  # the sets differ
     (mu, sigma, mu_ref, sigma_ref), = fid_calls

@@ -550,7 +550,7 @@ def run(cfg):
             batch_idx += 1
             update_ema(ema, G, cur_nimg, cfg.batch, cfg.ema * 1000, cfg.ema_warmup)
             cur_nimg += cfg.batch
-            bar.update(cfg.batch / 1000)
+            bar.update(min(cfg.batch / 1000, bar.total - bar.n))
             done = cur_nimg >= total_nimg
             if world > 1:  # every rank must agree to stop on a signal
                 flag = dist.all_reduce_sum(torch.tensor([1.0 if stop['signal'] else 0.0], device=device))
