@@ -91,3 +91,13 @@ def test_resolution_mismatch(tmp_path):
 def test_missing_path():
     with pytest.raises(FileNotFoundError, match='does-not-exist'):
         ImageFolderDataset('/does-not-exist.zip')
+
+
+def test_forked_dataloader_workers_read_the_zip_correctly(synth_zip):
+    # Workers forked after the dataset opened its zip must not share the parent's file handle.
+    import torch
+    ds = ImageFolderDataset(synth_zip)
+    expected = np.stack([ds[i][0] for i in range(len(ds))])
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, multiprocessing_context='fork')
+    got = np.concatenate([images.numpy() for images, _ in loader])
+    np.testing.assert_array_equal(got, expected)

@@ -64,7 +64,7 @@ class ImageFolderDataset:
         self._xflip = bool(xflip)
         self._cache = bool(cache)
         self._cached = {}
-        self._zipfile = None
+        self._zipfile = self._zipfile_pid = None
         if os.path.isdir(self.path):
             self._type = 'dir'
             names = [os.path.relpath(os.path.join(root, f), self.path).replace('\\', '/')
@@ -100,8 +100,10 @@ class ImageFolderDataset:
 
     # --- file access -------------------------------------------------------------------------
     def _get_zipfile(self):
-        if self._zipfile is None:
+        # One handle per process: a forked DataLoader worker must not share the parent's file offset.
+        if self._zipfile is None or self._zipfile_pid != os.getpid():
             self._zipfile = zipfile.ZipFile(self.path)
+            self._zipfile_pid = os.getpid()
         return self._zipfile
 
     def _read_bytes(self, name):
