@@ -98,6 +98,7 @@ def test_forked_dataloader_workers_read_the_zip_correctly(synth_zip):
     import torch
     ds = ImageFolderDataset(synth_zip)
     expected = np.stack([ds[i][0] for i in range(len(ds))])
-    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, multiprocessing_context='fork')
-    got = np.concatenate([images.numpy() for images, _ in loader])
-    np.testing.assert_array_equal(got, expected)
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=3, multiprocessing_context='fork')
+    for _ in range(3):
+        got = np.concatenate([images.numpy() for images, _ in loader])
+        np.testing.assert_array_equal(got, expected)
