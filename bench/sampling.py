@@ -20,6 +20,7 @@ def measure(arch='ncsnpp', cbase=128, cres=(2, 2, 2), blocks=4, res=32, batch=8,
                   multi_steps=list(multi_steps), reps=reps, warmup=warmup, heun_reps=heun_reps, threads=threads,
                   device=str(device))
     device = common.setup(threads, device)
+    load_before = common.loadavg()
     torch.manual_seed(0)
     kwargs = training_loop.arch_kwargs(dnnlib.EasyDict(arch=arch, cbase=cbase, cres=cres))
     net = networks.D2OPrecond(img_resolution=res, img_channels=3, num_blocks=blocks, dropout=0.0, **kwargs)
@@ -29,9 +30,9 @@ def measure(arch='ncsnpp', cbase=128, cres=(2, 2, 2), blocks=4, res=32, batch=8,
     def images_per_s(sampler, num_steps, runs, warm):
         run = lambda: list(sampling.generate_images(net, seeds, sampler=sampler, num_steps=num_steps,  # noqa: E731
                                                     batch=batch, device=device))
-        load_before = common.loadavg()
+        before = common.loadavg()
         times = [common.timed(run, device)[0] for _ in range(warm + runs)][warm:]
-        return dict(img_s=batch / common.median(times), samples=times, load_before=load_before,
+        return dict(img_s=batch / common.median(times), samples=times, load_before=before,
                     load_after=common.loadavg())
 
     results = {'onestep': images_per_s('onestep', 1, reps, warmup)}
@@ -42,7 +43,7 @@ def measure(arch='ncsnpp', cbase=128, cres=(2, 2, 2), blocks=4, res=32, batch=8,
     heun = summary[f'heun{heun_steps}_img_s']
     summary['onestep_vs_heun'] = summary['onestep_img_s'] / heun
     return dict(bench='sampling', config=config, **summary, runs=results, peak_mb=common.peak_memory_mb(device),
-                machine=common.machine())
+                load_before=load_before, load_after=common.loadavg(), machine=common.machine())
 
 
 def table(r):
@@ -66,8 +67,7 @@ def table(r):
 @click.option('--device', type=str, default='cpu', show_default=True)
 def main(cres, multi_steps, **kwargs):
     """Images/s: Heun vs one-step vs k-step sampling of the same network; one JSON line on stdout."""
-    r = measure(cres=[int(x) for x in cres.split(',')], multi_steps=[int(x) for x in multi_steps.split(',') if x],
-                **kwargs)
+    r = measure(cres=common.int_list(cres), multi_steps=common.int_list(multi_steps), **kwargs)
     print(table(r))
     common.emit(r)
 

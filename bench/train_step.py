@@ -113,13 +113,16 @@ def measure(arch='ncsnpp', cbase=128, cres=(2, 2, 2), blocks=4, res=32, batch=8,
         (loss * losses.R1_INTERVAL).backward()
         optimizer_step(opt_d, d_params)
 
+    def r1_iteration_part():  # real features once, shared by D main and the penalty stage (the loop's R1 iteration)
+        t_features, feats = common.timed(lambda: losses.r1_features(D, real), device)
+        t_shared = common.timed(lambda: d_main(feats), device)[0]
+        return t_features, t_shared, common.timed(lambda: r1_penalty(feats), device)[0]
+
     times = {}  # per stage and derived column: one value per measured iteration
+    warmup_s = 0.0  # includes torch.compile's compilation with --compile
     for i in range(warmup + iters):
         t = {'g': common.timed(g_main, device)[0], 'd': common.timed(lambda: d_main(None), device)[0]}
-        t['r1_features'], feats = common.timed(lambda: losses.r1_features(D, real), device)
-        t['d_shared'] = common.timed(lambda: d_main(feats), device)[0]
-        t['r1_penalty'] = common.timed(lambda: r1_penalty(feats), device)[0]
-        del feats
+        t['r1_features'], t['d_shared'], t['r1_penalty'] = r1_iteration_part()
         t['ema'] = common.timed(lambda: training_loop.update_ema(ema, G, 10 ** 6, batch, 500, 0.05), device)[0]
         t['r1'] = t['r1_features'] + t['r1_penalty']
         t['r1_extra'] = t['r1_features'] + t['d_shared'] + t['r1_penalty'] - t['d']
@@ -127,8 +130,10 @@ def measure(arch='ncsnpp', cbase=128, cres=(2, 2, 2), blocks=4, res=32, batch=8,
         if i >= warmup:
             for key, seconds in t.items():
                 times.setdefault(key, []).append(seconds)
+        else:
+            warmup_s += t['g'] + t['d'] + t['r1_features'] + t['d_shared'] + t['r1_penalty'] + t['ema']
     medians = {f'{key}_s': common.median(values) for key, values in times.items()}
-    return dict(bench='train_step', config=config, **medians, peak_mb=common.peak_memory_mb(device),
+    return dict(bench='train_step', config=config, **medians, warmup_s=warmup_s, peak_mb=common.peak_memory_mb(device),
                 g_params=sum(p.numel() for p in G.parameters()), g_trainable=sum(p.numel() for p in g_params),
                 d_trainable=sum(p.numel() for p in d_params), samples=times, load_before=load_before,
                 load_after=common.loadavg(), machine=common.machine())
@@ -140,10 +145,6 @@ def table(r):
             f'freeze {c["freeze"]} {c["precision"]}: G {r["g_s"]:.3f} s | D {r["d_s"]:.3f} s | R1 {r["r1_s"]:.3f} s '
             f'(extra {r["r1_extra_s"]:.3f} s) | {r["iter_s"]:.3f} s/iter | peak {r["peak_mb"]:.0f} MB | '
             f'load {r["load_before"][0]}→{r["load_after"][0]}')
-
-
-def int_list(s):
-    return [int(x) for x in s.split(',')] if isinstance(s, str) else s
 
 
 @click.command()
@@ -168,7 +169,7 @@ def int_list(s):
 @click.option('--compile', is_flag=True, help='torch.compile the generator forward')
 def main(cres, backbones, **kwargs):
     """Seconds per D2O training stage and peak memory; one JSON line on stdout."""
-    r = measure(cres=int_list(cres), backbones=backbones.split(','), **kwargs)
+    r = measure(cres=common.int_list(cres), backbones=backbones.split(','), **kwargs)
     print(table(r))
     common.emit(r)
 

@@ -82,7 +82,8 @@ class Conv2d(torch.nn.Module):
         if self.fused_resample and self.up and w is not None:
             x = conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2,
                                  padding=max(f_pad - w_pad, 0))
-            x = conv2d(x, w, padding=max(w_pad - f_pad, 0), groups=self.groups)
+            x = conv2d(x, w, b, padding=max(w_pad - f_pad, 0), groups=self.groups)
+            b = None  # added by the conv: one fewer full-size add (and reduction in backward) per layer
         elif self.fused_resample and self.down and w is not None:
             x = conv2d(x, w, padding=w_pad + f_pad, groups=self.groups)
             x = conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
@@ -93,7 +94,8 @@ class Conv2d(torch.nn.Module):
             if self.down:
                 x = conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
             if w is not None:
-                x = conv2d(x, w, padding=w_pad, groups=self.groups)
+                x = conv2d(x, w, b, padding=w_pad, groups=self.groups)
+                b = None
         if b is not None:
             x = x + b.reshape(1, -1, 1, 1)
         return x
