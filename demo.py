@@ -22,9 +22,10 @@ import PIL.ImageDraw
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER = os.path.join(ROOT, 'demo', 'teacher-synth32.pkl')
-# The exact command that produced the committed teacher (`make teacher` re-runs it).
+# The exact command that produced the committed teacher (`make teacher` re-runs it). Its EMA at 80,032 images:
+# the first tick ends after one batch, so ticks end at 4k+32 images and the snapshot is tick 20's.
 TEACHER_ARGS = ['--loss=edm', '--precond=edm', '--arch=ncsnpp', '--cbase=16', '--cres=1,2,2', '--dropout=0',
-                '--batch=32', '--lr=1e-3', '--lr-rampup=1', '--ema=0.01', '--ema-warmup=0.05', '--duration=0.5',
+                '--batch=32', '--lr=1e-3', '--lr-rampup=1', '--ema=0.01', '--ema-warmup=0.05', '--duration=0.080032',
                 '--tick=4', '--snap=5', '--dump=5', '--seed=0', '--workers=0', '--grid-seeds=16']
 
 
@@ -37,6 +38,53 @@ def run(stage, args, log):
     if res.returncode != 0:
         raise click.ClickException(f'stage "{stage}" failed (exit code {res.returncode}): {" ".join(cmd)}')
     return time.time() - t0
+
+
+def run_parallel(jobs, log):
+    """Run several CLIs at once, one CPU thread each, each logging to its own file; show a progress bar per job
+    (parsed from its training bar) and echo its tick/metric lines. On 2 cores, two single-threaded trainings
+    finish sooner than the same two one after the other with two threads each (small ops scale poorly)."""
+    import re
+    import tqdm
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    procs = []
+    for i, (name, args, logfile) in enumerate(jobs):
+        cmd = [sys.executable] + args
+        log(f'$ {" ".join(cmd)} > {logfile} 2>&1')
+        out = open(logfile, 'w')
+        bar = tqdm.tqdm(total=1.0, desc=name, position=i, unit='run', bar_format='{desc:8} {percentage:3.0f}%|{bar}| '
+                        '{postfix} [{elapsed}]', file=sys.stdout)
+        procs.append(dict(name=name, proc=subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env),
+                          out=out, logfile=logfile, bar=bar, seen=0, start=time.time(), seconds=None))
+    progress = re.compile(r'([0-9.]+)/([0-9.]+) kimg')
+    try:
+        while any(p['seconds'] is None for p in procs):
+            time.sleep(2)
+            for p in procs:
+                with open(p['logfile'], errors='replace') as f:
+                    text = f.read()
+                lines = text.replace('\r', '\n').split('\n')
+                for line in lines[p['seen']:-1]:
+                    if line.startswith(('tick ', 'fid', 'Interrupted', 'WARNING', 'Error', 'Traceback')):
+                        tqdm.tqdm.write(f'[{p["name"]}] {line.strip()}', file=sys.stdout)
+                p['seen'] = max(len(lines) - 1, p['seen'])
+                match = progress.findall(text[-2000:])
+                if match:
+                    done, total = map(float, match[-1])
+                    p['bar'].n = done / total
+                    p['bar'].set_postfix_str(f'{done:.3f}/{total:.3f} kimg', refresh=True)
+                if p['seconds'] is None and p['proc'].poll() is not None:
+                    p['seconds'] = time.time() - p['start']
+                    if p['proc'].returncode != 0:
+                        raise click.ClickException(f'stage "{p["name"]}" failed (exit code {p["proc"].returncode}); '
+                                                   f'last lines of {p["logfile"]}:\n' + '\n'.join(lines[-20:]))
+    finally:
+        for p in procs:
+            if p['proc'].poll() is None:
+                p['proc'].kill()
+            p['out'].close()
+            p['bar'].close()
+    return {p['name']: p['seconds'] for p in procs}
 
 
 def read_fid(path):
@@ -114,9 +162,12 @@ def plot_curves(curves, path, title):
 @click.option('--kimg', help='Fine-tuning length of each D2O run (kimg)', default=0.96, show_default=True)
 @click.option('--batch', help='D2O batch size', default=8, show_default=True)
 @click.option('--lr', help='G and D learning rate of the D2O runs', default=2e-4, show_default=True)
+@click.option('--tick', help='kimg between in-training FID evaluations (whole kimg: snapshots are named by kimg)',
+              default=1, show_default=True)
+@click.option('--teacher', help='Teacher EDM pickle (written by --make-teacher)', default=TEACHER, show_default=True)
 @click.option('--seed', default=0, show_default=True)
 @click.option('--make-teacher', help='Re-train the committed teacher instead of running the demo', is_flag=True)
-def main(outdir, num_fid, kimg, batch, lr, seed, make_teacher):
+def main(outdir, num_fid, kimg, batch, lr, tick, teacher, seed, make_teacher):
     """Run the whole D2O pipeline at small scale on the CPU and write demo-out/report.md."""
     os.makedirs(outdir, exist_ok=True)
     t_start = time.time()
@@ -142,13 +193,13 @@ def main(outdir, num_fid, kimg, batch, lr, seed, make_teacher):
         snaps = sorted(f for f in os.listdir(runs) if f.startswith('network-snapshot-') and f[-4:] == '.pkl')
         from training import checkpoint
         snap = checkpoint.load_snapshot(os.path.join(runs, snaps[-1]))
-        os.makedirs(os.path.dirname(TEACHER), exist_ok=True)
-        checkpoint.save_snapshot(TEACHER, dict(ema=snap['ema'], dataset_kwargs=snap['dataset_kwargs']))
-        log(f'Wrote {TEACHER} ({os.path.getsize(TEACHER) / 2**20:.1f} MiB) from {snaps[-1]}')
+        os.makedirs(os.path.dirname(os.path.abspath(teacher)), exist_ok=True)
+        checkpoint.save_snapshot(teacher, dict(ema=snap['ema'], dataset_kwargs=snap['dataset_kwargs']))
+        log(f'Wrote {teacher} ({os.path.getsize(teacher) / 2**20:.1f} MiB) from {snaps[-1]}')
         return
 
-    if not os.path.exists(TEACHER):
-        raise click.ClickException(f'{TEACHER} is missing; run `make teacher` to train it')
+    if not os.path.exists(teacher):
+        raise click.ClickException(f'--teacher={teacher} does not exist; run `make teacher` to train it')
 
     log(f'Stage 2/5: FID reference statistics over {num_fid} held-out real images')
     ref = os.path.join(outdir, 'ref.npz')
@@ -167,22 +218,25 @@ def main(outdir, num_fid, kimg, batch, lr, seed, make_teacher):
         return fid, t_gen + t_fid
 
     log('Stage 3/5: the teacher, 18-step Heun (35 NFE) and a single step (1 NFE)')
-    teacher35, timings['teacher_35nfe'] = fid_of('teacher-35nfe', [f'--network={TEACHER}', '--sampler=heun',
+    teacher35, timings['teacher_35nfe'] = fid_of('teacher-35nfe', [f'--network={teacher}', '--sampler=heun',
                                                                    '--steps=18'])
-    teacher1, timings['teacher_1nfe'] = fid_of('teacher-1nfe', [f'--network={TEACHER}', '--sampler=onestep'])
+    teacher1, timings['teacher_1nfe'] = fid_of('teacher-1nfe', [f'--network={teacher}', '--sampler=onestep'])
 
     log('Stage 4/5: GAN-only fine-tuning (EfficientNet-lite0 pretrained features): D2O-F (freeze 1), D2O')
-    runs = {}
+    runs, jobs = {}, []
     for name, freeze in (('d2o-f', 1), ('d2o', 0)):
         run_dir = os.path.join(outdir, 'runs', name)
         shutil.rmtree(run_dir, ignore_errors=True)
-        t = time.time()
-        run(name, ['train.py', f'--outdir={run_dir}', '--nosubdir', f'--data={data}', f'--transfer={TEACHER}',
-                   f'--freeze={freeze}', '--backbone=3', f'--batch={batch}', f'--duration={kimg / 1000}',
-                   f'--lr={lr}', f'--dlr={lr}', f'--tick={kimg / 2}', '--snap=1', '--dump=2', f'--seed={seed}',
-                   '--workers=0', '--grid-seeds=16',
-                   f'--metrics=fid{num_fid}', f'--metric-ref={ref}'], log)
-        timings[f'train_{name}'] = time.time() - t
+        os.makedirs(run_dir)
+        jobs.append((name, ['train.py', f'--outdir={run_dir}', '--nosubdir', f'--data={data}', f'--transfer={teacher}',
+                            f'--freeze={freeze}', '--backbone=3', f'--batch={batch}', f'--duration={kimg / 1000}',
+                            f'--lr={lr}', f'--dlr={lr}', f'--tick={tick}', '--snap=1', '--dump=1000', f'--seed={seed}',
+                            '--workers=0', '--grid-seeds=16', f'--metrics=fid{num_fid}', f'--metric-ref={ref}'],
+                     os.path.join(outdir, 'runs', f'{name}.log')))
+    for name, seconds in run_parallel(jobs, log).items():
+        timings[f'train_{name}'] = seconds
+    for name, _ in (('d2o-f', 1), ('d2o', 0)):
+        run_dir = os.path.join(outdir, 'runs', name)
         with open(os.path.join(run_dir, f'metric-fid{num_fid}.jsonl')) as f:
             records = [json.loads(line) for line in f if line.strip()]
         with open(os.path.join(run_dir, 'training_options.json')) as f:

@@ -308,6 +308,9 @@ def run(cfg):
         log(f'Dataset: {cfg.data}: {len(dataset)} images, {dataset.num_channels}x{dataset.resolution}^2, '
             f'label_dim {dataset.label_dim}')
         log(f'Processes: {world}, batch {cfg.batch} = {batch_gpu} per process x {rounds} rounds x {world}')
+        if cfg.tick * min(cfg.snap, cfg.dump) < 1:
+            log(f'WARNING: --tick={cfg.tick} x --snap/--dump is under 1 kimg: snapshots and states are named by whole '
+                f'kimg (EDM), so some will overwrite earlier ones')
 
         # Generator and EMA.
         if resume is not None:
@@ -582,7 +585,7 @@ def run(cfg):
                     f.write(previous + json.dumps(record) + '\n')
             snapshot = done or interrupted or cur_tick % cfg.snap == 0
             save_outputs(snapshot=snapshot, dump=done or interrupted or (cur_tick % cfg.dump == 0 and cur_tick != 0))
-            if snapshot:
+            if snapshot and not interrupted:  # a signal's grace period is short: save state, skip metrics
                 evaluate_metrics()
             if interrupted:
                 log(f'Interrupted by signal {stop["signal"]}: state saved at {cur_nimg / 1000:.3f} kimg; '
