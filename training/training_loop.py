@@ -308,9 +308,6 @@ def run(cfg):
         log(f'Dataset: {cfg.data}: {len(dataset)} images, {dataset.num_channels}x{dataset.resolution}^2, '
             f'label_dim {dataset.label_dim}')
         log(f'Processes: {world}, batch {cfg.batch} = {batch_gpu} per process x {rounds} rounds x {world}')
-        if cfg.tick * min(cfg.snap, cfg.dump) < 1:
-            log(f'WARNING: --tick={cfg.tick} x --snap/--dump is under 1 kimg: snapshots and states are named by whole '
-                f'kimg (EDM), so some will overwrite earlier ones')
 
         # Generator and EMA.
         if resume is not None:
@@ -407,16 +404,20 @@ def run(cfg):
                                          f'{cfg.max_nonfinite}); last in stage {stage}. Lower the learning rates or '
                                          f'check the data; the last good state is in {run_dir}')
 
+        def snapshot_tag():
+            # EDM names files by whole kimg; ticks under 1 kimg get three decimals so that none overwrite another.
+            return f'{cur_nimg // 1000:06d}' if cfg.tick >= 1 else f'{cur_nimg / 1000:010.3f}'
+
         def save_outputs(snapshot, dump):
-            kimg = cur_nimg // 1000
+            kimg = snapshot_tag()
             if snapshot and world > 1:
                 check_ranks_identical(list(G.state_dict().values()) + list(ema.state_dict().values()) +
                                       (list(D.parameters()) if gan else []), log)
             if snapshot and rank == 0:
                 snap = dict(ema=copy.deepcopy(ema).cpu(), net=copy.deepcopy(G).eval().requires_grad_(False).cpu(),
                             augment_pipe=None, dataset_kwargs=dataset.dataset_kwargs())
-                checkpoint.save_snapshot(os.path.join(run_dir, f'network-snapshot-{kimg:06d}.pkl'), snap)
-                save_grid(os.path.join(run_dir, f'fakes-{kimg:06d}.png'))
+                checkpoint.save_snapshot(os.path.join(run_dir, f'network-snapshot-{kimg}.pkl'), snap)
+                save_grid(os.path.join(run_dir, f'fakes-{kimg}.png'))
             if dump:
                 rngs = [None] * world
                 state_rng = rng_state()
@@ -430,7 +431,7 @@ def run(cfg):
                                  D=D.state_dict() if gan else None, opt_D=opt_d.state_dict() if gan else None,
                                  cur_nimg=cur_nimg, cur_tick=cur_tick, batch_idx=batch_idx,
                                  nonfinite_streak=nonfinite_streak, rng=rngs)
-                    with dnnlib.atomic_write(os.path.join(run_dir, f'training-state-{kimg:06d}.pt')) as f:
+                    with dnnlib.atomic_write(os.path.join(run_dir, f'training-state-{kimg}.pt')) as f:
                         torch.save(state, f)
             dist.barrier()
 
@@ -459,8 +460,8 @@ def run(cfg):
                 result = evaluate_generator(ema, cfg.metric_ref, num_images=num, batch=64, device=device,
                                             sample_fn=sample_fn)
                 if rank == 0:
-                    record = dict(result, metric=name, kimg=cur_nimg / 1000, snapshot=f'network-snapshot-'
-                                  f'{cur_nimg // 1000:06d}.pkl', timestamp=time.time())
+                    record = dict(result, metric=name, kimg=cur_nimg / 1000,
+                                  snapshot=f'network-snapshot-{snapshot_tag()}.pkl', timestamp=time.time())
                     path = os.path.join(run_dir, f'metric-{name}.jsonl')
                     previous = open(path).read() if os.path.exists(path) else ''
                     best = min([json.loads(l)['fid'] for l in previous.splitlines() if l.strip()], default=np.inf)
@@ -585,7 +586,7 @@ def run(cfg):
                     f.write(previous + json.dumps(record) + '\n')
             snapshot = done or interrupted or cur_tick % cfg.snap == 0
             save_outputs(snapshot=snapshot, dump=done or interrupted or (cur_tick % cfg.dump == 0 and cur_tick != 0))
-            if snapshot and not interrupted:  # a signal's grace period is short: save state, skip metrics
+            if snapshot and not interrupted and (cur_tick != 0 or cfg.metrics_at_start):  # signals: no time for metrics
                 evaluate_metrics()
             if interrupted:
                 log(f'Interrupted by signal {stop["signal"]}: state saved at {cur_nimg / 1000:.3f} kimg; '
