@@ -10,6 +10,7 @@ Inception FID on the same number of images. Every stage calls the same CLIs user
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import click
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+import tqdm
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER = os.path.join(ROOT, 'demo', 'teacher-synth32.pkl')
@@ -44,8 +46,6 @@ def run_parallel(jobs, log):
     """Run several CLIs at once, one CPU thread each, each logging to its own file; show a progress bar per job
     (parsed from its training bar) and echo its tick/metric lines. On 2 cores, two single-threaded trainings
     finish sooner than the same two one after the other with two threads each (small ops scale poorly)."""
-    import re
-    import tqdm
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     procs = []
     for i, (name, args, logfile) in enumerate(jobs):
