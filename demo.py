@@ -24,6 +24,7 @@ import tqdm
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER = os.path.join(ROOT, 'demo', 'teacher-synth32.pkl')
+GAN_RUNS = (('d2o-f', 1), ('d2o', 0))  # (name, --freeze) of the two fine-tuning runs
 # The exact command that produced the committed teacher (`make teacher` re-runs it). Its EMA at 80,032 images:
 # the first tick ends after one batch, so ticks end at 4k+32 images and the snapshot is tick 20's.
 TEACHER_ARGS = ['--loss=edm', '--precond=edm', '--arch=ncsnpp', '--cbase=16', '--cres=1,2,2', '--dropout=0',
@@ -235,7 +236,7 @@ def main(outdir, num_fid, kimg, batch, lr, adv_scale, tick, teacher, seed, make_
 
     log('Stage 4/5: GAN-only fine-tuning (EfficientNet-lite0 pretrained features): D2O-F (freeze 1), D2O')
     runs, jobs = {}, []
-    for name, freeze in (('d2o-f', 1), ('d2o', 0)):
+    for name, freeze in GAN_RUNS:
         run_dir = os.path.join(outdir, 'runs', name)
         shutil.rmtree(run_dir, ignore_errors=True)
         os.makedirs(run_dir)
@@ -247,7 +248,7 @@ def main(outdir, num_fid, kimg, batch, lr, adv_scale, tick, teacher, seed, make_
                      os.path.join(outdir, 'runs', f'{name}.log')))
     for name, seconds in run_parallel(jobs, log).items():
         timings[f'train_{name}'] = seconds
-    for name, _ in (('d2o-f', 1), ('d2o', 0)):
+    for name, _ in GAN_RUNS:
         run_dir = os.path.join(outdir, 'runs', name)
         with open(os.path.join(run_dir, f'metric-fid{num_fid}.jsonl')) as f:
             records = [json.loads(line) for line in f if line.strip()]

