@@ -1,53 +1,226 @@
-"""Run-directory I/O for the training loop: naming, log.txt, JSONL records, best snapshot, resume lookup.
+"""Everything the training loop reads from or writes to its run directory, other than the networks'
+own file formats (training/checkpoint.py): the directory's name and lock, log.txt, the JSONL records,
+the best snapshot, finding and checking the training state a run resumes from, and the signal
+conventions that let a stopped run save that state. Importing this module does not import torch.
 
-First step: the functions moved unchanged from training_loop.py so the loop can switch to them; the hardened
-versions (issue 12: --desc sanitising, lock, resume checks, signals) follow in this module."""
+API (rank 0 only unless noted):
+
+Naming and lock
+  make_run_dir(cfg, dataset_name, world, batch) -> path   `<outdir>/<id:05d>-<desc>`, EDM's naming. Every
+      rank may call it only before rank 0 creates the folder: compute on rank 0 and broadcast.
+  check_desc(desc) -> desc           --desc must be a plain name; ValueError naming --desc otherwise.
+  RunDirLock(run_dir, log)           `with RunDirLock(run_dir, log):` one run per directory (run.lock);
+      a live holder -> RunDirLocked (a ValueError naming the folder and the holder's pid); a stale lock of
+      a dead process is taken over with a warning; stale `*.tmp` files are removed once the lock is held.
+Records
+  Logger(path)                       tees stdout/stderr into log.txt.
+  append_jsonl(path, record)         appends one line (flush + fsync), never rewrites the file.
+  read_jsonl(path) -> [record]       skips a line cut short by a crash.
+  truncate_jsonl_after(path, kimg)   drops records past the resume point, atomically.
+  record_metric(run_dir, name, record) -> bool   metric-<name>.jsonl + network-snapshot-best.pkl.
+Resume
+  find_resume_state(resume, outdir, config=None, log=print) -> path | None   --resume=FILE|DIR|auto.
+  load_training_state(path) -> dict  one ValueError line for corrupt, truncated, wrong-kind, incomplete
+      or wrong-version files, naming the file and what to use instead.
+  saved_run_config(state) -> dict    the state's config plus its data shape (DATASET_KEYS).
+  check_resume(saved_cfg, new_cfg, path=None) -> [(option, saved, new)]   refuses changed WHAT_OPTIONS,
+      returns the changed HOW_OPTIONS (they take effect; the loop logs them); IGNORED_OPTIONS are neither.
+Signals
+  worker_init_fn(worker_id)          DataLoader workers ignore SIGINT/SIGTERM (the main process saves).
+  StopSignals()                      `with StopSignals() as stop:` records SIGINT/SIGTERM in stop.signum.
+  exit_status_for_signal(signum)     128 + signum, what the process exits with after a signal.
+"""
+import contextlib
+import fcntl
 import glob
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import sys
+import threading
+import time
+import zipfile
 
 import dnnlib
 
+# ----------------------------------------------------------------------------------------------
+# Run-directory name (EDM's `00003-<desc>`). --desc is a user string joined into a path: it must stay
+# one plain path component (issue 12.2: `--desc=/../../x` escaped --outdir).
+
+NAME_CHARS = r'A-Za-z0-9._+=,@-'
+DESC_PATTERN = re.compile(rf'[A-Za-z0-9][{NAME_CHARS}]{{0,99}}')
+
+
+def check_desc(desc):
+    """Refuse (rather than silently rewrite) a --desc that is not a plain name: the user then sees
+    exactly which folder name the run gets."""
+    if desc is None or desc == '':
+        return desc
+    if not DESC_PATTERN.fullmatch(desc) or '..' in desc:
+        raise ValueError(f'--desc={desc!r}: expected a plain name of at most 100 letters, digits and . _ + = , @ - '
+                         f"starting with a letter or digit (no path separators, no '..', no spaces or control "
+                         f'characters)')
+    return desc
+
+
+def _plain_component(text):
+    """A dataset name (from the --data file name) as one safe path component."""
+    return re.sub(rf'[^{NAME_CHARS}]', '_', text).lstrip('.') or 'data'
+
 
 def make_run_dir(cfg, dataset_name, world, batch):
-    """`<outdir>/<next id:05d>-<desc>` (EDM's naming), or --outdir itself with --nosubdir."""
+    """`<outdir>/<next id:05d>-<desc>`, or --outdir itself with --nosubdir. The id is one more than the
+    largest among the existing `NNNNN-*` entries; two runs racing for one id are stopped by RunDirLock."""
     if cfg.nosubdir:
         return cfg.outdir
-    ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', d) for d in
-                                     (os.listdir(cfg.outdir) if os.path.isdir(cfg.outdir) else [])) if m]
-    desc = (f'{dataset_name}-{"cond" if cfg.cond else "uncond"}-{cfg.arch or "transfer"}-{cfg.precond}-{cfg.loss}-'
-            f'gpus{world}-batch{batch}-{cfg.precision}' + (f'-{cfg.desc}' if cfg.desc else ''))
-    return os.path.join(cfg.outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+    check_desc(cfg.desc)
+    existing = os.listdir(cfg.outdir) if os.path.isdir(cfg.outdir) else []
+    ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', d) for d in existing) if m]
+    desc = (f'{_plain_component(dataset_name)}-{"cond" if cfg.cond else "uncond"}-{cfg.arch or "transfer"}-'
+            f'{cfg.precond}-{cfg.loss}-gpus{world}-batch{batch}-{cfg.precision}' + (f'-{cfg.desc}' if cfg.desc else ''))
+    path = os.path.join(cfg.outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+    if os.path.dirname(os.path.abspath(path)) != os.path.abspath(cfg.outdir):  # defence in depth
+        raise ValueError(f'--desc={cfg.desc!r}: the run directory {path} would lie outside --outdir={cfg.outdir}')
+    return path
 
 
-def find_resume_state(resume, outdir):
-    """--resume=PATH (a training-state file or a run dir) or auto (newest state under --outdir)."""
-    if resume in (None, ''):
+# ----------------------------------------------------------------------------------------------
+# One run per directory (issue 12.5: two runs sharing a folder overwrite each other's snapshots and
+# interleave stats.jsonl). The lock is an fcntl.flock on run.lock: the kernel drops it when the holder
+# dies, even by SIGKILL, so a lock file whose flock is free is stale by construction. The file holds
+# the holder's pid, host and start time, for the error message and the stale-lock warning.
+
+LOCK_NAME = 'run.lock'
+STALE_TEMP_PATTERNS = ('*.tmp', '.*.tmp')  # dnnlib.atomic_write's `.<name>.<random>.tmp` and others
+
+
+class RunDirLocked(ValueError):
+    """Another live run holds the run directory."""
+
+
+def _holder_record():
+    return dict(pid=os.getpid(), host=socket.gethostname(), start=time.time(),
+                start_utc=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))
+
+
+def _read_holder(fd):
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or 'null')
+    except (ValueError, UnicodeDecodeError, OSError):
         return None
-    if resume == 'auto':
-        candidates = glob.glob(os.path.join(outdir, 'training-state-*.pt')) + \
-            glob.glob(os.path.join(outdir, '*', 'training-state-*.pt'))
-        if not candidates:
-            return None
-        return max(candidates, key=lambda p: (os.path.getmtime(p), p))
-    if os.path.isdir(resume):
-        states = sorted(glob.glob(os.path.join(resume, 'training-state-*.pt')))
-        if not states:
-            raise FileNotFoundError(f'--resume={resume}: no training-state-*.pt in this folder')
-        return states[-1]
-    if not os.path.isfile(resume):
-        raise FileNotFoundError(f'--resume={resume}: no such file (expected training-state-*.pt, a run dir, or auto)')
-    return resume
 
+
+def _holder_text(holder):
+    if not isinstance(holder, dict):
+        return 'an unknown process'
+    return f'pid {holder.get("pid")} on {holder.get("host")}, started {holder.get("start_utc")}'
+
+
+def _pid_alive_here(holder):
+    """True/False for a holder on this host, None when it cannot be told (another host, no record)."""
+    if not isinstance(holder, dict) or holder.get('host') != socket.gethostname():
+        return None
+    try:
+        os.kill(int(holder['pid']), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except (KeyError, TypeError, ValueError):
+        return None
+    return True
+
+
+def remove_stale_temporaries(run_dir, log=print):
+    """Delete `*.tmp` left by a writer that died mid-write; only the lock holder may (a live run's
+    temporaries are in use)."""
+    removed = sorted({p for pattern in STALE_TEMP_PATTERNS for p in glob.glob(os.path.join(run_dir, pattern))})
+    for path in removed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        log(f'Removed stale temporary file {path}')
+    return removed
+
+
+class RunDirLock:
+    """`with RunDirLock(run_dir, log):` holds run_dir for this process (rank 0); released on exit, by
+    the kernel if the process dies. Raises RunDirLocked when another live run holds it."""
+
+    def __init__(self, run_dir, log=print):
+        self.run_dir, self.log, self.fd = run_dir, log, None
+        self.path = os.path.join(run_dir, LOCK_NAME)
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def acquire(self):
+        os.makedirs(self.run_dir, exist_ok=True)
+        fd = self._lock_current_file()
+        previous = _read_holder(fd)
+        if previous is not None:
+            self.log(f'WARNING: {self.run_dir}: took over the stale lock of {_holder_text(previous)}, which is no '
+                     f'longer running')
+        record = json.dumps(_holder_record()).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+        os.fsync(fd)
+        self.fd = fd
+        remove_stale_temporaries(self.run_dir, self.log)
+
+    def _lock_current_file(self):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunDirLocked(self._busy_message(holder)) from None
+            except OSError:  # no flock on this file system: fall back to the recorded holder alone
+                holder = _read_holder(fd)
+                if holder is not None and _pid_alive_here(holder) is not False:
+                    os.close(fd)
+                    raise RunDirLocked(self._busy_message(holder)) from None
+                return fd
+            # A holder releasing between our open and flock unlinks the file we opened: lock the new one.
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    return fd
+            os.close(fd)
+
+    def _busy_message(self, holder):
+        hint = 'wait for it to finish or stop it, or choose another --outdir'
+        if _pid_alive_here(holder) is False:  # its DataLoader workers, which inherited the lock, still run
+            hint = 'that process has exited but its child processes still hold the lock; retry in a few seconds'
+        elif _pid_alive_here(holder) is None and isinstance(holder, dict):
+            hint += f'; if no run is using it any more, delete {self.path}'
+        return f'{self.run_dir}: run directory in use by another run ({_holder_text(holder)}); {hint}'
+
+    def release(self):
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):  # unlink first: a waiter then re-opens a fresh file
+            if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+                os.remove(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+
+# ----------------------------------------------------------------------------------------------
+# log.txt and the JSONL records (stats.jsonl, metric-*.jsonl), appended one line at a time.
 
 class Logger:
     """Copies stdout/stderr into log.txt (EDM's log.txt), rank 0 only."""
 
     def __init__(self, path):
-        self.file = open(path, 'a')
+        self.file = open(path, 'a', encoding='utf-8')
         self.stdout, self.stderr = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = self, self
 
@@ -69,32 +242,278 @@ class Logger:
 
 
 def append_jsonl(path, record):
-    """Append one JSON line (open 'a', one write, flush + fsync) instead of rewriting the whole file."""
-    with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
+    """Append `record` as one line with a single O_APPEND write, then fsync. A line cut short by an
+    earlier crash is closed first, so the new record always starts its own line."""
+    line = (json.dumps(record) + '\n').encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b'\n':
+            line = b'\n' + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path):
+    """The records of a JSONL file ([] when absent); lines that do not parse (cut short) are skipped."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                if line.strip():
+                    records.append(json.loads(line))
+    return records
 
 
 def truncate_jsonl_after(path, kimg):
-    """Drop the records past `kimg` (a resume continues from there), rewriting the file atomically."""
+    """Keep only the records at or before `kimg` (a resumed run re-records what follows), rewriting the
+    file atomically. Returns the number of records dropped."""
     if not os.path.exists(path):
-        return
-    kept = [l for l in open(path).read().splitlines() if l.strip() and json.loads(l)['kimg'] <= kimg + 1e-9]
+        return 0
+    records = read_jsonl(path)
+    kept = [r for r in records if isinstance(r, dict) and r.get('kimg', float('inf')) <= kimg + 1e-9]
     with dnnlib.atomic_write(path, 'w') as f:
-        f.write(''.join(l + '\n' for l in kept))
+        f.write(''.join(json.dumps(r) + '\n' for r in kept))
+    return len(records) - len(kept)
 
 
-def record_metric(run_dir, name, record):
-    """Append `record` (with 'fid' and 'snapshot') to metric-<name>.jsonl; a new best FID copies its
-    snapshot to network-snapshot-best.pkl. Returns True for a new best."""
+def record_metric(run_dir, name, record, key='fid'):
+    """Append `record` (holding `key`, lower is better, and 'snapshot', the file it was measured on) to
+    metric-<name>.jsonl; a new best copies that snapshot to network-snapshot-best.pkl atomically.
+    Returns True for a new best."""
     path = os.path.join(run_dir, f'metric-{name}.jsonl')
-    previous = open(path).read() if os.path.exists(path) else ''
-    best = min([json.loads(l)['fid'] for l in previous.splitlines() if l.strip()], default=float('inf'))
+    best = min((r[key] for r in read_jsonl(path) if isinstance(r, dict) and key in r), default=float('inf'))
     append_jsonl(path, record)
-    if record['fid'] >= best:
+    if not record[key] < best:
         return False
     with open(os.path.join(run_dir, record['snapshot']), 'rb') as src, \
             dnnlib.atomic_write(os.path.join(run_dir, 'network-snapshot-best.pkl')) as dst:
         shutil.copyfileobj(src, dst)
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume (issue 12.6, 12.7). Options fall in three lists (every TrainConfig field is in exactly one):
+# WHAT is trained cannot change on resume; HOW it is trained may, takes effect and is logged; the
+# rest says where files are, and is ignored.
+
+DATASET_KEYS = ('resolution', 'channels', 'label_dim')  # from the dataset / the saved generator, not options
+WHAT_OPTIONS = (
+    'cond', 'loss', 'loss_type', 'arch', 'precond', 'cbase', 'cres', 'dropout', 'augment_dim',  # the model
+    'multi_step_g', 'middle_sigma', 'freeze', 'train_groups',  # what G computes and which weights train
+    'backbone', 'd_pretrained', 'd_embedding', 'interp224',  # D's structure (its weights are in the state)
+    'batch', 'xflip', 'seed',  # the data stream: order and EMA/adv-scale defaults derive from them
+) + DATASET_KEYS
+HOW_OPTIONS = (
+    'data',  # the file may move; its shape is checked through DATASET_KEYS
+    'lr', 'dlr', 'lr_rampup', 'r1_gamma', 'adv_scale', 'diffaug', 'ema', 'ema_warmup', 'precision', 'batch_gpu',
+    'max_nonfinite', 'duration', 'cache', 'workers', 'tick', 'snap', 'dump', 'metrics', 'metric_ref',
+    'metrics_at_start', 'grid_seeds', 'd_bn_group',
+)
+IGNORED_OPTIONS = (
+    'outdir', 'resume', 'desc', 'nosubdir', 'device', 'preset',  # where, not what or how
+    'transfer', 'allow_unsafe_pickle', 'd_weights',  # initial weights: the state's weights replace them
+)
+
+STATE_VERSION = 1
+STATE_KEYS = ('version', 'config', 'G_record', 'G', 'G_ema', 'opt_G', 'D', 'opt_D', 'cur_nimg', 'cur_tick',
+              'batch_idx', 'nonfinite_streak', 'rng')
+STATE_PATTERN = re.compile(r'training-state-(\d+(?:\.\d+)?)\.pt')
+
+
+def _state_kimg(path):
+    return float(STATE_PATTERN.fullmatch(os.path.basename(path)).group(1))
+
+
+def _states_in(folder):
+    """training-state-*.pt in `folder`, by kimg (temporaries and other names do not match)."""
+    paths = [p for p in glob.glob(os.path.join(glob.escape(folder), 'training-state-*.pt'))
+             if STATE_PATTERN.fullmatch(os.path.basename(p))]
+    return sorted(paths, key=_state_kimg)
+
+
+def find_resume_state(resume, outdir, config=None, log=print):
+    """--resume=FILE (a training state), DIR (its newest state) or auto: the most recently written
+    state under --outdir (directly or one run folder down) whose WHAT options match `config` (a dict;
+    None matches all). States of other configurations are skipped with a note, unreadable ones with a
+    warning; `*.tmp` never match. Returns None for `resume` None/'' or when auto finds nothing."""
+    if resume in (None, ''):
+        return None
+    if resume == 'auto':
+        candidates = _states_in(outdir) + [p for d in sorted(glob.glob(os.path.join(glob.escape(outdir), '*', '')))
+                                           for p in _states_in(d)]
+        for path in sorted(candidates, key=lambda p: (os.path.getmtime(p), _state_kimg(p)), reverse=True):
+            reason = _auto_mismatch(path, config)
+            if reason is None:
+                return path
+            log(f'--resume=auto: skipping {path}: {reason}')
+        return None
+    if os.path.isdir(resume):
+        states = _states_in(resume)
+        if not states:
+            raise FileNotFoundError(f'--resume={resume}: no training-state-*.pt in this folder')
+        return states[-1]
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f'--resume={resume}: no such file (expected training-state-*.pt, a run dir, or auto)')
+    return resume
+
+
+def _auto_mismatch(path, config):
+    """Why --resume=auto must not continue `path` (None: it may)."""
+    try:
+        saved = saved_run_config(load_training_state(path, mmap=True))
+    except ValueError as err:
+        return f'WARNING: unreadable ({err})'
+    refused = what_differences(saved, config) if config is not None else []
+    return f'another configuration ({_describe(refused)})' if refused else None
+
+
+def _refuse(path, problem, instead):
+    return ValueError(f'--resume={path}: {problem}; {instead}')
+
+
+def _check_state_file(path):
+    """Tell wrong-kind and truncated files apart before torch reads them (torch's own errors name
+    neither the file nor a remedy)."""
+    earlier = 'resume from an earlier training-state-*.pt of the same run'
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(4)
+    except OSError as err:
+        raise _refuse(path, f'cannot be read ({err.strerror})', 'check the path and permissions') from None
+    if path.endswith('.pkl') or head[:1] == b'\x80':
+        raise _refuse(path, 'this is a pickle (a network snapshot?), not a training state',
+                      'pass training-state-*.pt or its run directory; to start from a snapshot use '
+                      f'--transfer={path}')
+    if head != b'PK\x03\x04':
+        raise _refuse(path, 'not a training state (not a torch zip file)', 'pass a training-state-*.pt written by train.py')
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        raise _refuse(path, 'corrupt or truncated training state (unreadable zip directory)', earlier) from None
+    if any('/code/' in n or n.endswith('/constants.pkl') for n in names):
+        raise _refuse(path, 'a TorchScript archive, which would run code when loaded; refused', 'pass a '
+                      'training-state-*.pt written by train.py')
+    if not any(n.endswith('/data.pkl') for n in names):
+        raise _refuse(path, 'a zip file without data.pkl (a dataset?), not a training state',
+                      'pass a training-state-*.pt written by train.py')
+
+
+def load_training_state(path, required_keys=STATE_KEYS, mmap=False):
+    """The training-state dict saved by the loop (plain tensors and data: torch.load(weights_only=True),
+    nothing in the file can execute). Every way the file can be wrong is one ValueError line naming
+    the file and what to use instead. `mmap` maps the tensors lazily (cheap when only `config` is read)."""
+    import pickle
+    import torch
+    _check_state_file(path)
+    earlier = 'resume from an earlier training-state-*.pt of the same run'
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise _refuse(path, 'holds pickled objects, not plain tensors (an EDM training state, or not written by '
+                            'train.py)', 'to start from an EDM run use --transfer=network-snapshot-*.pkl') from None
+    except Exception as err:  # torch reports truncation/corruption with RuntimeError, EOFError, KeyError...
+        raise _refuse(path, f'corrupt or truncated training state ({type(err).__name__})', earlier) from None
+    if isinstance(state, dict) and 'version' in state and state['version'] != STATE_VERSION:
+        raise _refuse(path, f'training-state version {state["version"]!r}, this code reads version {STATE_VERSION}',
+                      'resume it with the d2o version that wrote it')
+    missing = [k for k in required_keys if k not in state] if isinstance(state, dict) else list(required_keys)
+    if missing:
+        raise _refuse(path, f'incomplete training state (missing {", ".join(missing)})', earlier)
+    return state
+
+
+def saved_run_config(state):
+    """The saved TrainConfig dict plus DATASET_KEYS (the data shape the saved generator was built for)."""
+    config = dict(state['config'])
+    kwargs = (state.get('G_record') or {}).get('init_kwargs') or {}
+    for key, name in zip(DATASET_KEYS, ('img_resolution', 'img_channels', 'label_dim')):
+        if name in kwargs:
+            config[key] = kwargs[name]
+    return config
+
+
+def _plain(value):
+    """Tuples and lists compare equal (JSON round trips turn one into the other)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _option_name(key):
+    return f'--data {key}' if key in DATASET_KEYS else '--' + key.replace('_', '-')
+
+
+def _changed(saved_cfg, new_cfg, keys):
+    """[(option, saved, new)] for the `keys` present in both dicts whose values differ."""
+    return [(_option_name(k), saved_cfg[k], new_cfg[k]) for k in keys
+            if k in saved_cfg and k in new_cfg and _plain(saved_cfg[k]) != _plain(new_cfg[k])]
+
+
+def what_differences(saved_cfg, new_cfg):
+    return _changed(saved_cfg, new_cfg, WHAT_OPTIONS)
+
+
+def _describe(changes):
+    return '; '.join(f'{option} saved {saved!r}, now {new!r}' for option, saved, new in changes)
+
+
+def check_resume(saved_cfg, new_cfg, path=None):
+    """Compare the saved run's configuration with this run's (dicts; keys missing on either side are not
+    compared). A changed WHAT option → ValueError naming every such option with its saved and new value;
+    otherwise the changed HOW options as [(option, saved, new)] for the loop to log. A key in none of
+    the three lists (a field newer than this table) counts as HOW: it takes effect, and is logged."""
+    refused = what_differences(saved_cfg, new_cfg)
+    if refused:
+        raise ValueError(f'{f"--resume={path}" if path else "--resume"}: cannot change what is trained: '
+                         f'{_describe(refused)}; use the saved values or start a new run without --resume')
+    unlisted = sorted(set(new_cfg) - set(WHAT_OPTIONS) - set(HOW_OPTIONS) - set(IGNORED_OPTIONS))
+    return _changed(saved_cfg, new_cfg, HOW_OPTIONS + tuple(unlisted))
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals (issue 12.4). `docker stop`, Kubernetes and Slurm send SIGTERM to the whole process group:
+# DataLoader workers must outlive it so that the main process can finish its iteration, save the
+# state and exit. The exit status then says "stopped by a signal", never success.
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNAL_EXIT_BASE = 128  # exit status 128 + signum (SIGINT 130, SIGTERM 143), as shells report it
+
+
+def exit_status_for_signal(signum):
+    """Non-zero, so schedulers and torchrun do not record a stopped run as finished."""
+    return SIGNAL_EXIT_BASE + int(signum)
+
+
+def worker_init_fn(worker_id):  # noqa: ARG001 (DataLoader's signature)
+    """DataLoader worker_init_fn: the worker ignores SIGINT/SIGTERM; it still exits with its parent."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class StopSignals:
+    """`with StopSignals() as stop:` SIGINT/SIGTERM set `stop.signum` (the first one) instead of killing
+    the process; the loop polls it once per iteration. The previous handlers come back on exit. Outside
+    the main thread (where Python cannot install handlers) it does nothing."""
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def _record(self, signum, _frame):
+        if self.signum is None:
+            self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
