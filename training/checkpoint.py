@@ -1,29 +1,24 @@
-"""Network checkpoints: EDM/D2O snapshot pickles (read safely by default), our own snapshots,
-constructor records for training states, and teacher → generator weight transfer.
+"""Network checkpoint file formats: EDM/D2O snapshot pickles (read safely by default), our own snapshots, and
+constructor records for training states. (Building a generator from a teacher is training/generator.py.)
 
-Safe loading (checkpoint-format.md §2.3–2.4): a restricted unpickler resolves only an allow-list of
-globals (tensor/storage rebuilders, numpy scalars, OrderedDict, ...). EDM's persistence global
+Safe loading (docs/checkpoint-format.md §2.3–2.4): the project's restricted unpickler
+(torch_utils/safe_pickle.py) resolves only an allow-list of globals (tensor/storage rebuilders, numpy scalars,
+OrderedDict, ...); zip-format files are read the same way and TorchScript archives are refused. EDM's persistence global
 `torch_utils.persistence._reconstruct_persistent_obj` is mapped to `PersistentRecord`, which keeps the
 class name and instance dict and drops the embedded module source unread. Records of our network
 classes are then rebuilt from their constructor record (`_init_kwargs`) and filled by name with the
 pickled tensors; every other record (EDMLoss, AugmentPipe, ...) stays an inert record.
 """
-import _codecs
-import collections
 import copy
-import dataclasses
-import importlib
-import io
 import math
 import pickle
-import re
-import types
+import zipfile
 
 import numpy as np
 import torch
 
 import dnnlib
-from torch_utils import persistence
+from torch_utils import persistence, safe_pickle
 from training import networks
 
 NETWORK_CLASSES = {obj.__name__: obj for obj in vars(networks).values() if isinstance(obj, type) and persistence.is_persistent(obj)}
@@ -31,7 +26,7 @@ UNSAFE_HINT = ('If you trust this file, pass allow_unsafe_pickle=True (CLI: --al
                'with plain pickle and runs any code it carries.')
 
 #----------------------------------------------------------------------------
-# Restricted unpickling.
+# Restricted unpickling (torch_utils/safe_pickle.py; allow-list of docs/checkpoint-format.md §2.3).
 
 class PersistentRecord:
     """A persistent object read in safe mode: class name + instance dict (plain data and tensors).
@@ -62,72 +57,13 @@ def _record_persistent_obj(meta):
     return PersistentRecord(meta['class_name'], meta['state'])  # meta['module_src'] is never run
 
 
-def _load_storage_from_bytes(data):
-    # Each storage is a nested legacy torch.save stream (§2.5); read it with torch's own restricted loader.
-    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
-
-
-def _numpy_scalar(multiarray):
-    def scalar(dtype, *args):
-        if dtype.hasobject:  # an object scalar would be built from raw bytes; snapshots only hold float64 scalars
-            raise pickle.UnpicklingError(f'refusing numpy scalar of object dtype {dtype}')
-        return multiarray.scalar(dtype, *args)
-    return scalar
-
-
-def _numpy_multiarray():
-    try:
-        return importlib.import_module('numpy._core.multiarray')  # NumPy >= 2
-    except ImportError:
-        return importlib.import_module('numpy.core.multiarray')
-
-
-def _allowed_globals():
-    multiarray = _numpy_multiarray()
-    allowed = {
-        ('torch_utils.persistence', '_reconstruct_persistent_obj'): _record_persistent_obj,
-        ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
-        ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
-        ('torch._utils', '_rebuild_parameter_with_state'): torch._utils._rebuild_parameter_with_state,
-        ('torch.storage', '_load_from_bytes'): _load_storage_from_bytes,
-        ('torch', 'Size'): torch.Size,
-        ('torch.nn.modules.container', 'ModuleDict'): _ModuleDictRecord,
-        ('collections', 'OrderedDict'): collections.OrderedDict,
-        ('builtins', 'set'): set,
-        ('__builtin__', 'set'): set,  # protocol-2 names (torch.save streams)
-        ('_codecs', 'encode'): _codecs.encode,  # how protocol 2 writes bytes
-        ('numpy', 'dtype'): np.dtype,
-        ('numpy', 'ndarray'): np.ndarray,
-        ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
-    }
-    for numpy_module in ('numpy.core.multiarray', 'numpy._core.multiarray'):  # NumPy 1 writes the first, NumPy 2 the second
-        allowed[(numpy_module, 'scalar')] = _numpy_scalar(multiarray)
-        allowed[(numpy_module, '_reconstruct')] = multiarray._reconstruct
-    return allowed
-
-
-_ALLOWED_GLOBALS = _allowed_globals()
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the allow-listed globals; anything else raises naming the global and the file."""
-    source = '<stream>'
-
-    def find_class(self, module, name):
-        obj = _ALLOWED_GLOBALS.get((module, name))
-        if obj is None:
-            raise pickle.UnpicklingError(f'{self.source}: refusing to load global {module}.{name}: the safe checkpoint '
-                                         f'loader only accepts network weights and plain data. {UNSAFE_HINT}')
-        return obj
-
-
-def _restricted_pickle_module(source):
-    """A `pickle_module` for torch.load whose unpickler is restricted and names `source` in its errors."""
-    module = types.ModuleType('restricted_pickle')
-    module.Unpickler = type('RestrictedUnpickler', (RestrictedUnpickler,), dict(source=source))
-    module.load = lambda f, **kwargs: module.Unpickler(f, **kwargs).load()
-    return module
-
+SNAPSHOT_GLOBALS = {
+    **safe_pickle.TENSOR_GLOBALS,
+    **safe_pickle.NUMPY_GLOBALS,
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _record_persistent_obj,
+    ('torch.nn.modules.container', 'ModuleDict'): _ModuleDictRecord,
+    ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
+}
 
 #----------------------------------------------------------------------------
 # Rebuilding our network classes from records (or from live modules of unsafe pickles).
@@ -221,6 +157,20 @@ def _materialize(obj, source):
         return type(obj)(_materialize(value, source) for value in obj)
     return obj
 
+def _read_trusted(f, name):
+    """EDM's own way (plain pickle / torch.load), for files the user vouches for; TorchScript archives are
+    still refused: they are never network snapshots, and torch would run their code on load."""
+    if f.read(4) == safe_pickle.ZIP_MAGIC:
+        f.seek(0)
+        with zipfile.ZipFile(f) as archive:
+            if safe_pickle.is_torchscript(archive.namelist()):
+                raise pickle.UnpicklingError(f'{name}: is a TorchScript archive, not a network snapshot; refusing it '
+                                             f'(loading TorchScript runs the code inside the file)')
+        f.seek(0)
+        return torch.load(f, map_location='cpu', weights_only=False)
+    f.seek(0)
+    return pickle.load(f)
+
 #----------------------------------------------------------------------------
 # Public API.
 
@@ -235,13 +185,8 @@ def load_snapshot(source, allow_unsafe_pickle=False):
     Use it only for files from a trusted source that the safe loader refuses."""
     name = str(source)
     with dnnlib.util.open_url(source) as f:
-        is_zip = f.read(4) == b'PK\x03\x04'
-        f.seek(0)
-        if is_zip:  # torch.save zip (e.g. a training state of the original code)
-            data = torch.load(f, map_location='cpu', weights_only=False,
-                              pickle_module=pickle if allow_unsafe_pickle else _restricted_pickle_module(name))
-        else:
-            data = (pickle if allow_unsafe_pickle else _restricted_pickle_module(name)).load(f)
+        data = _read_trusted(f, name) if allow_unsafe_pickle else \
+            safe_pickle.load(f, SNAPSHOT_GLOBALS, name, hint=UNSAFE_HINT)
     if not isinstance(data, dict):
         raise ValueError(f'{name}: expected a snapshot dict, found {type(data).__name__}')
     return _materialize(data, name)
@@ -301,54 +246,10 @@ def build_network(record):
     return NETWORK_CLASSES[class_name](*record.get('init_args', ()), **record.get('init_kwargs', {}))
 
 
-# Teacher preconditioner kwargs with no meaning for D2OPrecond (noise schedules of VP/VE/iDDPM, σ range).
-_TEACHER_ONLY_KWARGS = ('beta_d', 'beta_min', 'M', 'epsilon_t', 'C_1', 'C_2', 'sigma_min', 'sigma_max')
-
-
-def generator_kwargs_from_teacher(teacher, **overrides):
-    """D2OPrecond constructor kwargs with the teacher's architecture (from its recorded `_init_kwargs`):
-    no augmentation map (augment_dim=0, d2o-method §4), then `overrides` (e.g. dropout, use_fp16)."""
-    if not persistence.is_persistent(teacher) or not hasattr(teacher, 'model'):
-        raise ValueError(f'generator_kwargs_from_teacher: {type(teacher).__name__} is not a preconditioned EDM/D2O network')
-    if teacher._init_args:
-        raise ValueError(f'generator_kwargs_from_teacher: {type(teacher).__name__} was built with positional '
-                         f'arguments {teacher._init_args}; only keyword constructor records are supported')
-    kwargs = {k: v for k, v in teacher._init_kwargs.items() if k not in _TEACHER_ONLY_KWARGS}
-    kwargs['model_type'] = type(teacher.model).__name__  # VP/VE records may rely on their class default
-    kwargs['augment_dim'] = 0
-    kwargs.update(overrides)
-    return kwargs
-
-
-@dataclasses.dataclass
-class TransferReport:
-    copied: list   # names copied from the source
-    dropped: list  # source names not used (map_augment.*, or absent from the destination)
-    new: list      # destination names left at their initial values
-
-    def __str__(self):
-        return f'copied {len(self.copied)} tensors, dropped {self.dropped}, left new {self.new}'
-
-
-_DROPPED_ON_TRANSFER = re.compile(r'(^|\.)map_augment\.')  # D2O generators have no augmentation map (§4)
-
-
-def transfer_weights(src_net, dst_net):
-    """Copy parameters and buffers by name from a teacher (VP/VE/iDDPM/EDM precond) or D2O network into
-    `dst_net` (d2o-method §4 Transfer). A name present in both with different shapes is an error."""
-    src = dict(src_net.state_dict())
-    dst = {**dict(dst_net.named_parameters()), **dict(dst_net.named_buffers())}
-    mismatched = [f'{name} {tuple(t.shape)} -> {tuple(dst[name].shape)}' for name, t in src.items()
-                  if name in dst and not _DROPPED_ON_TRANSFER.search(name) and t.shape != dst[name].shape]
-    if mismatched:
-        raise ValueError(f'transfer_weights: shapes differ between {type(src_net).__name__} and '
-                         f'{type(dst_net).__name__}: {mismatched}')
-    copied, dropped = [], []
-    with torch.no_grad():
-        for name, t in src.items():
-            if _DROPPED_ON_TRANSFER.search(name) or name not in dst:
-                dropped.append(name)
-            else:
-                dst[name].copy_(t)
-                copied.append(name)
-    return TransferReport(copied=copied, dropped=dropped, new=[name for name in dst if name not in set(copied)])
+def __getattr__(name):
+    # Transitional: teacher transfer moved to training/generator.py (issue 14.2); old imports keep working
+    # until every caller has switched.
+    if name in ('generator_kwargs_from_teacher', 'transfer_weights', 'TransferReport'):
+        from training import generator
+        return getattr(generator, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

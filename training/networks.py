@@ -118,6 +118,13 @@ class GroupNorm(torch.nn.Module):
         return y.to(x.dtype)
 
 
+def float32_region(x):
+    """Autocast off for the mapping network and the `affine` layers: the official networks compute the noise/
+    class embedding and its per-block projections in float32 also in mixed precision (edm-networks §2.5, d2o-method
+    §9), so bf16 autocast must not lower them."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def attention_weights(q, k):
     """softmax over keys of qᵀk/sqrt(c) for q, k of shape [N, c, HW], computed in float32 also under
     autocast (edm-networks §2.4); autograd's backward then runs in float32 too."""
@@ -162,7 +169,8 @@ class UNetBlock(torch.nn.Module):
     def forward(self, x, emb):
         orig = x
         x = self.conv0(silu(self.norm0(x)))
-        params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+        with float32_region(emb):
+            params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(chunks=2, dim=1)
             x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
@@ -291,19 +299,23 @@ class SongUNet(torch.nn.Module):
                 self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(num_channels=cout, eps=1e-6)
                 self.dec[f'{res}x{res}_aux_conv'] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
-    def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        emb = self.map_noise(noise_labels)
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [cos, sin] -> [sin, cos]
-        if self.map_label is not None:
-            labels = class_labels
-            if self.training and self.label_dropout:
-                labels = _drop_labels(labels, x.shape[0], self.label_dropout)
-            emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
-        emb = silu(self.map_layer0(emb))
-        emb = silu(self.map_layer1(emb))
+    def mapping(self, noise_labels, class_labels, augment_labels, batch_size):
+        """Embedding [N, emb_channels] of noise level, class and augmentation labels, in float32 (float32_region)."""
+        with float32_region(noise_labels):
+            emb = self.map_noise(noise_labels)
+            emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [cos, sin] -> [sin, cos]
+            if self.map_label is not None:
+                labels = class_labels
+                if self.training and self.label_dropout:
+                    labels = _drop_labels(labels, batch_size, self.label_dropout)
+                emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
+            if self.map_augment is not None and augment_labels is not None:
+                emb = emb + self.map_augment(augment_labels)
+            emb = silu(self.map_layer0(emb))
+            return silu(self.map_layer1(emb))
 
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        emb = self.mapping(noise_labels, class_labels, augment_labels, x.shape[0])
         skips = []
         aux = x
         for name, block in self.enc.items():
@@ -389,19 +401,23 @@ class DhariwalUNet(torch.nn.Module):
         self.out_norm = GroupNorm(num_channels=cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
-    def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        emb = self.map_noise(noise_labels)
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
-        emb = silu(self.map_layer0(emb))
-        emb = self.map_layer1(emb)
-        if self.map_label is not None:
-            labels = class_labels
-            if self.training and self.label_dropout:
-                labels = _drop_labels(labels, x.shape[0], self.label_dropout)
-            emb = emb + self.map_label(labels)
-        emb = silu(emb)
+    def mapping(self, noise_labels, class_labels, augment_labels, batch_size):
+        """Embedding [N, emb_channels] of noise level, class and augmentation labels, in float32 (float32_region)."""
+        with float32_region(noise_labels):
+            emb = self.map_noise(noise_labels)
+            if self.map_augment is not None and augment_labels is not None:
+                emb = emb + self.map_augment(augment_labels)
+            emb = silu(self.map_layer0(emb))
+            emb = self.map_layer1(emb)
+            if self.map_label is not None:
+                labels = class_labels
+                if self.training and self.label_dropout:
+                    labels = _drop_labels(labels, batch_size, self.label_dropout)
+                emb = emb + self.map_label(labels)
+            return silu(emb)
 
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        emb = self.mapping(noise_labels, class_labels, augment_labels, x.shape[0])
         skips = []
         for block in self.enc.values():
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
