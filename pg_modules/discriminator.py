@@ -22,10 +22,14 @@ BACKBONE_SETS = {
     3: ['tf_efficientnet_lite0'],
 }
 
-# Mini-disc widths by feature resolution. The official sizes the discs for a declared 256² input
-# (projected maps at 128, 64, 32, 16), whatever the real sizes: 4, 3, 2, 1 down-blocks down to 8, then the head.
+# Mini-disc widths by feature resolution. When the D input is resized to 224 (or never resized, interp224 on)
+# the official sizes the discs for a declared 256² input (projected maps at 128, 64, 32, 16), whatever the real
+# sizes: 4, 3, 2, 1 down-blocks down to 8, then the head (docs/method.md §10). With interp224 off they are sized
+# from the maps' measured sizes instead (issue 13.3; see ProjectedDiscriminator).
 NFC = {1: 2048, 2: 1024, 4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
 DECLARED_RES = [128, 64, 32, 16]
+END_RES = 8
+HEAD_KERNEL = 4  # the 4×4 valid head conv: a mini-disc needs a map of at least 4×4 after its down-blocks
 CMAP_DIM = 64
 
 
@@ -43,11 +47,52 @@ def sn_conv(in_channels, out_channels, kernel, stride, padding, bias=True):
     return spectral_norm(nn.Conv2d(in_channels, out_channels, kernel, stride, padding, bias=bias))
 
 
+def nearest_start_res(size):
+    """The official rule for a map size that is not an NFC key: the nearest key (ties → the smaller)."""
+    return min(NFC, key=lambda res: abs(res - size))
+
+
+class GroupBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics come from fixed groups of `group` consecutive samples (ghost
+    batch norm), so a D step normalises like `batch / group` processes of `group` samples each, whatever the
+    process count (issue 13.5; the official D normalises over the per-GPU batch, docs/method.md §5).
+    group=None: plain BatchNorm2d over the whole batch (the official behaviour at any per-process batch).
+
+    Each group goes through F.batch_norm on its own, the very call a process holding that group would make, so
+    outputs and gradients equal the multi-process ones to the last bit of the kernels. Running statistics (used
+    only in eval mode; D trains in train mode throughout) are updated once per forward with the mean over
+    groups of each group's batch mean and unbiased variance: the average over processes of the buffers that
+    per-process BatchNorms would hold after the same forward."""
+
+    def __init__(self, channels, group=None):
+        super().__init__(channels)
+        if group is not None and group < 1:
+            raise ValueError(f'D BatchNorm group size (--d-bn-group) must be >= 1, got {group}')
+        self.group = group
+
+    def forward(self, x):
+        if not self.training or self.group is None:
+            return super().forward(x)
+        if x.shape[0] % self.group:
+            raise ValueError(f'D BatchNorm group size --d-bn-group={self.group} must divide the per-process '
+                             f'batch, got a batch of {x.shape[0]}')
+        chunks = x.split(self.group)
+        out = torch.cat([F.batch_norm(chunk, None, None, self.weight, self.bias, True, 0.0, self.eps)
+                         for chunk in chunks])
+        with torch.no_grad():
+            grouped = x.detach().unflatten(0, (len(chunks), self.group)).transpose(1, 2).flatten(2)  # [G, C, n]
+            mean, var = grouped.mean(dim=2).mean(dim=0), grouped.var(dim=2, correction=1).mean(dim=0)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+            self.num_batches_tracked.add_(1)
+        return out
+
+
 class DownBlock(nn.Module):
-    def __init__(self, in_channels, out_channels):
+    def __init__(self, in_channels, out_channels, bn_group=None):
         super().__init__()
-        self.main = nn.Sequential(sn_conv(in_channels, out_channels, 4, 2, 1), nn.BatchNorm2d(out_channels),
-                                  nn.LeakyReLU(0.2))
+        self.main = nn.Sequential(sn_conv(in_channels, out_channels, 4, 2, 1),
+                                  GroupBatchNorm2d(out_channels, bn_group), nn.LeakyReLU(0.2))
 
     def forward(self, x):
         return self.main(x)
@@ -72,11 +117,11 @@ class SingleDisc(nn.Module):
     Conditional (embed_table given): `cls` projects to 64 channels, scored against the projected class embedding:
     out = Σ_ch cls(h)·cmap / √64 (SingleDiscCond)."""
 
-    def __init__(self, in_channels, start_res, embed_table=None):
+    def __init__(self, in_channels, start_res, embed_table=None, bn_group=None):
         super().__init__()
         blocks, res, channels = [], start_res, in_channels
-        while res > 8:
-            blocks.append(DownBlock(channels, NFC[res // 2]))
+        while res > END_RES:
+            blocks.append(DownBlock(channels, NFC[res // 2], bn_group))
             channels, res = NFC[res // 2], res // 2
         self.conditional = embed_table is not None
         if self.conditional:
@@ -96,10 +141,10 @@ class SingleDisc(nn.Module):
 
 
 class MultiScaleD(nn.Module):
-    def __init__(self, channels, embed_table=None):
+    def __init__(self, channels, start_resolutions, embed_table=None, bn_group=None):
         super().__init__()
-        self.mini_discs = nn.ModuleDict({str(i): SingleDisc(c, res, embed_table)
-                                         for i, (c, res) in enumerate(zip(channels, DECLARED_RES))})
+        self.mini_discs = nn.ModuleDict({str(i): SingleDisc(c, res, embed_table, bn_group)
+                                         for i, (c, res) in enumerate(zip(channels, start_resolutions))})
 
     def forward(self, features, class_index=None):
         return torch.cat([disc(f, class_index).flatten(1) for disc, f in zip(self.mini_discs.values(), features)], 1)
@@ -107,16 +152,20 @@ class MultiScaleD(nn.Module):
 
 class ProjectedDiscriminator(nn.Module):
     """D2O's discriminator. forward(img ∈ [−1,1] [B,3,R,R], c one-hot [B,c_dim]) → one [B, N_k] logit tensor per
-    backbone (N_k = 64 for lite0/DeiT, 484 for vgg16_bn). `weights_info` records each backbone's weight source and
-    `embedding_info` the class embedding's. `backbone_kwargs` = {name: timm constructor overrides} (tests use tiny
-    configs). Frozen projections and random backbones derive from `seed` only."""
+    backbone (N_k = 64 for lite0/DeiT, 484 for vgg16_bn at 224). `weights_info` records each backbone's weight
+    source and `embedding_info` the class embedding's. `backbone_kwargs` = {name: timm constructor overrides}
+    (tests use tiny configs). Frozen projections and random backbones derive from `seed` only.
+    `img_resolution` (R) is needed with interp224=False, where the mini-discs are sized from the real maps.
+    `bn_group`: the mini-discs' BatchNorm normalises over groups of this many consecutive samples instead of
+    the whole per-process batch (GroupBatchNorm2d; None = per-process batch, the official behaviour)."""
 
     def __init__(self, backbones=('tf_efficientnet_lite0',), c_dim=0, pretrained=True, weights=None,
-                 interp224=True, diffaug=False, seed=0, embedding=None, log=print, backbone_kwargs=None):
+                 interp224=True, diffaug=False, seed=0, embedding=None, log=print, backbone_kwargs=None,
+                 img_resolution=None, bn_group=None):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         backbone_kwargs = backbone_kwargs or {}
-        self.c_dim, self.diffaug = c_dim, diffaug
+        self.c_dim, self.diffaug, self.bn_group = c_dim, diffaug, bn_group
         self.feature_networks = nn.ModuleDict({
             name: FeatureNetwork(name, generator, pretrained=pretrained, weights=weights, interp224=interp224,
                                  diffaug=diffaug, log=log, **backbone_kwargs.get(name, {}))
@@ -126,7 +175,32 @@ class ProjectedDiscriminator(nn.Module):
         if embed_table is not None:
             log(f'D class embedding: {self.embedding_info}')
         # The projected maps have CSM_CHANNELS = [64, 64, 128, 256] whatever the backbone.
-        self.discriminators = nn.ModuleDict({name: MultiScaleD(CSM_CHANNELS, embed_table) for name in backbones})
+        self.discriminators = nn.ModuleDict({
+            name: MultiScaleD(CSM_CHANNELS, self._start_resolutions(name, net, interp224, img_resolution),
+                              embed_table, bn_group)
+            for name, net in self.feature_networks.items()})
+
+    @staticmethod
+    def _start_resolutions(name, net, interp224, img_resolution):
+        """Per level, the resolution its mini-disc is built for. Resized to 224 (or interp224 on): the official
+        declared sizes. interp224 off: the official nearest-NFC-key rule applied to the projected maps' measured
+        size at `img_resolution` instead of the declared one, so every disc ends at 8×8 or less before its 4×4
+        head (issue 13.3); maps too small for that head are refused with a clear error."""
+        if interp224 or net.body.always_resize:
+            return DECLARED_RES
+        if img_resolution is None:
+            raise ValueError('interp224=False: the discriminator needs img_resolution (the dataset resolution) to '
+                             'size its mini-discriminators from the feature maps it will get')
+        sizes = net.map_sizes(img_resolution)
+        starts = [nearest_start_res(size) for size in sizes]
+        for level, (size, start) in enumerate(zip(sizes, starts)):
+            while start > END_RES:  # each DownBlock (4×4, stride 2, pad 1) halves the map, rounding down
+                size, start = size // 2, start // 2
+            if size < HEAD_KERNEL:
+                raise ValueError(f'--interp224=false: at {img_resolution}×{img_resolution} input, {name}\'s level-'
+                                 f'{level} maps end {size}×{size}, smaller than the mini-discriminator\'s 4×4 head; '
+                                 f'use --interp224=true or a larger resolution')
+        return starts
 
     @staticmethod
     def _class_embedding(c_dim, embedding):
@@ -150,8 +224,9 @@ class ProjectedDiscriminator(nn.Module):
         return self
 
     def features(self, img, augment=True):
-        """Frozen part: per backbone, its 4 projected feature maps. augment=False skips DiffAugment (R1 uses
-        clean reals, d2o-method.md §5)."""
+        """Frozen part: per backbone, its 4 projected feature maps, after DiffAugment when D was built with
+        diffaug=True (drawn independently per backbone; R1 too sees augmented reals, as in the official
+        code). augment=False skips DiffAugment."""
         return [net(img, augment) for net in self.feature_networks.values()]
 
     def score(self, features, c=None):

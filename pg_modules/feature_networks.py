@@ -209,6 +209,12 @@ class FeatureNetwork(nn.Module):
     def train(self, mode=True):
         return super().train(False)  # frozen BatchNorm statistics, whatever the enclosing D's mode
 
+    def map_sizes(self, resolution):
+        """Spatial size of each projected map for a resolution² input, measured by a forward pass (exact
+        whatever the backbone's padding and rounding rules)."""
+        with torch.no_grad():
+            return [f.shape[-1] for f in self(torch.zeros(1, 3, resolution, resolution), augment=False)]
+
     def forward(self, x, augment=True):
         if self.diffaug and augment:
             x = diff_augment(x)

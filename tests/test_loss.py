@@ -1,6 +1,6 @@
 """training/loss.py: adversarial terms and their scaling, R1 against an independent computation, gradient
 routing of the G and D stages, EDM diffusion losses, the non-finite gradient check."""
-import inspect
+import copy
 import math
 
 import pytest
@@ -115,26 +115,38 @@ def test_adv_scale_reproduces_official_row_list():
     torch.testing.assert_close(ours, official)
 
 
-def independent_r1(D, real, gamma):
-    """γ/2 · mean_b Σ ‖∂(Σ logits)/∂x_b‖² through torch.func (no autograd.grad/create_graph), with the features
-    un-augmented by construction."""
+def independent_r1(D, real, gamma, seed):
+    """γ/2 · mean_b Σ ‖∂(Σ logits)/∂x_b‖² through torch.func (no autograd.grad/create_graph) of D's plain
+    forward, which augments when D does, with the default generator seeded to `seed` first."""
     def total_logits(x):
-        return sum(l.sum() for l in D.score(D.features(x, augment=False)))
+        return sum(l.sum() for l in D(x))
+    torch.manual_seed(seed)
     grad = torch.func.grad(total_logits)(real)
     return gamma / 2 * grad.square().sum(dim=[1, 2, 3]).mean()
 
 
-def test_r1_penalty_value_and_weight_gradients():
+def seeded_r1(D, real, gamma, seed, **kwargs):
+    torch.manual_seed(seed)
+    return loss.r1_penalty(D, real, None, gamma, **kwargs)
+
+
+@pytest.mark.parametrize('diffaug', [False, True])
+def test_r1_penalty_value_and_weight_gradients(diffaug):
+    """R1 on D's own (augmented when diffaug) pass of the reals, differentiated w.r.t. the un-augmented reals."""
     torch.manual_seed(1)
-    D, real, gamma = ToyD(diffaug=True), torch.randn(3, 3, 8, 8), 0.7
-    value, stats = loss.r1_penalty(D, real, None, gamma)
+    D, real, gamma = ToyD(diffaug=diffaug), torch.randn(3, 3, 8, 8), 0.7
+    value, stats = seeded_r1(D, real, gamma, seed=7)
     assert not real.requires_grad  # the caller's tensor is untouched
-    torch.testing.assert_close(value, independent_r1(D, real, gamma), rtol=1e-5, atol=0)
+    torch.testing.assert_close(value, independent_r1(D, real, gamma, seed=7), rtol=1e-5, atol=0)
     torch.testing.assert_close(stats['Loss/r1_penalty'], value.detach() * 2 / gamma, rtol=1e-5, atol=0)
     assert value.item() > 0
+    # The augmentation matters: another draw gives another penalty (a D without it always gives the same).
+    other = seeded_r1(D, real, gamma, seed=8)[0]
+    assert (abs(other.item() - value.item()) > 1e-4 * value.item()) == diffaug
     # create_graph: backward reaches D's trainable weights, with the gradient of the independent formula.
     value.backward()
     params = dict(D.heads.named_parameters())
+    torch.manual_seed(7)
     func_grads = torch.func.grad(r1_of_head_params)({k: v.detach() for k, v in params.items()}, D, real, gamma)
     for k, p in params.items():  # biases that do not affect ∂logits/∂x get no gradient (None vs zeros)
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -148,7 +160,7 @@ def r1_of_head_params(head_params, D, real, gamma):
     def total_logits(x):
         return sum(torch.func.functional_call(head, {n.split('.', 1)[1]: v for n, v in head_params.items()
                                                      if n.split('.', 1)[0] == str(i)}, (maps[0],)).sum()
-                   for i, (head, maps) in enumerate(zip(D.heads, D.features(x, augment=False))))
+                   for i, (head, maps) in enumerate(zip(D.heads, D.features(x))))
     grad = torch.func.grad(total_logits)(real)
     return gamma / 2 * grad.square().sum(dim=[1, 2, 3]).mean()
 
@@ -223,12 +235,8 @@ def real_d(diffaug=False):
     """The real projected D with a random DeiT layout at 1/24 width (its attention is what R1 must
     differentiate twice)."""
     from pg_modules.discriminator import ProjectedDiscriminator
-    D = ProjectedDiscriminator(backbones=[DEIT], pretrained=False, diffaug=diffaug, seed=0, log=lambda *args: None,
-                               backbone_kwargs={DEIT: dict(embed_dim=32, num_heads=2)}).train()
-    if 'augment' not in inspect.signature(D.features).parameters or not hasattr(D, 'diffaug'):
-        pytest.skip('pg_modules ProjectedDiscriminator lacks features(img, augment=...) / .diffaug, which R1 needs '
-                    'to bypass DiffAugment')
-    return D
+    return ProjectedDiscriminator(backbones=[DEIT], pretrained=False, diffaug=diffaug, seed=0, log=lambda *args: None,
+                                  backbone_kwargs={DEIT: dict(embed_dim=32, num_heads=2)}).train()
 
 
 def test_generator_loss_with_real_discriminator():
@@ -244,18 +252,24 @@ def test_generator_loss_with_real_discriminator():
 
 
 def test_r1_with_real_discriminator():
-    """R1 through DeiT attention (double backward) and without DiffAugment: a D that augments gives the
-    same penalty as one that does not."""
+    """R1 through DeiT attention (double backward) and, with diffaug, through the real DiffAugment: equal to the
+    independent computation with the same augmentation draws, and different from the un-augmented penalty."""
     real = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     D, D_aug = real_d(), real_d(diffaug=True)
     D_aug.load_state_dict(D.state_dict())  # same weights and spectral-norm vectors
-    with torch.no_grad():  # D_aug's own passes do augment
-        assert not torch.equal(D_aug.features(real)[0][0], D_aug.features(real, augment=False)[0][0])
-    value, _ = loss.r1_penalty(D, real, None, 1e-4)
-    torch.testing.assert_close(value, loss.r1_penalty(D_aug, real, None, 1e-4)[0], rtol=1e-6, atol=0)
+    D_aug_copy = copy.deepcopy(D_aug)  # the same state again: spectral norm's power iteration updates u per pass
+    value, _ = seeded_r1(D_aug, real, 1e-4, seed=3)
+    # Independently: D's plain forward on a leaf, first-order autograd (torch.func cannot run BatchNorm's and
+    # spectral norm's in-place buffer updates), the same default-generator draws.
+    x = real.clone().requires_grad_(True)
+    torch.manual_seed(3)
+    grad, = torch.autograd.grad(sum(l.sum() for l in D_aug_copy(x)), x)
+    torch.testing.assert_close(value, 1e-4 / 2 * grad.square().sum(dim=[1, 2, 3]).mean(), rtol=1e-5, atol=0)
+    plain, _ = seeded_r1(D, real, 1e-4, seed=3)
+    assert abs(plain.item() - value.item()) > 1e-3 * value.item()  # DiffAugment changed the penalty
     value.backward()
-    assert all(p.grad is None for p in D.feature_networks.parameters())
-    assert sum(p.grad.abs().sum() for p in D.trainable_parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in D_aug.feature_networks.parameters())
+    assert sum(p.grad.abs().sum() for p in D_aug.trainable_parameters() if p.grad is not None) > 0
 
 
 class RecordingNet:

@@ -13,7 +13,7 @@ import torch
 
 from pg_modules import class_embedding
 from pg_modules.diffaug import diff_augment
-from pg_modules.discriminator import BACKBONE_SETS, ProjectedDiscriminator, backbone_set
+from pg_modules.discriminator import BACKBONE_SETS, DownBlock, ProjectedDiscriminator, backbone_set
 from pg_modules.feature_networks import FeatureNetwork, _replace_grouped_convs_
 
 LITE0 = 'tf_efficientnet_lite0'
@@ -117,11 +117,11 @@ def test_frozen_grouped_conv_matches_plain_conv_to_second_order():
 
 def test_frozen_part_is_seeded_and_identical_across_ranks():
     torch.manual_seed(1)  # different global RNG states stand in for different ranks
-    a = random_d(seed=5, interp224=False)
+    a = random_d(seed=5, interp224=False, img_resolution=64)
     torch.manual_seed(2)
-    b = random_d(seed=5, interp224=False)
+    b = random_d(seed=5, interp224=False, img_resolution=64)
     state = torch.get_rng_state()
-    c = random_d(seed=6, interp224=False)
+    c = random_d(seed=6, interp224=False, img_resolution=64)
     frozen = lambda d: d.feature_networks.state_dict()  # noqa: E731
     assert all(torch.equal(v, frozen(b)[k]) for k, v in frozen(a).items())
     assert not torch.equal(a.feature_networks[LITE0].projector.ccm[0].weight,
@@ -153,13 +153,47 @@ def test_spectral_norm_on_every_mini_disc_conv(lite0_d):
     assert names[f'discriminators.{LITE0}.mini_discs.0.main.3.main.0.weight_orig'].shape == (512, 256, 4, 4)
 
 
+def down_blocks(d, name):
+    discs = d.discriminators[name].mini_discs.values()
+    return [sum(isinstance(m, DownBlock) for m in disc.main) for disc in discs]
+
+
+@pytest.mark.parametrize('name, res, maps, blocks, width', [
+    (LITE0, 64, [32, 16, 8, 4], [2, 1, 0, 0], 3 * 25 + 1),           # strides 4…32, projected ×2
+    ('vgg16_bn', 32, [32, 16, 8, 4], [2, 1, 0, 0], 3 * 25 + 1),      # strides 2…16, projected ×2
+    ('vgg16_bn', 64, [64, 32, 16, 8], [3, 2, 1, 0], 4 * 25),
+    (DEIT, 32, [112, 56, 28, 14], [4, 3, 2, 1], 4 * 16),            # a ViT always resizes to 224: official sizes
+])
+def test_interp224_off_sizes_mini_discs_from_real_maps(name, res, maps, blocks, width):
+    """Issue 13.3: without the 224 resize, each mini-disc is built for the map it really gets (nearest NFC key,
+    down to 8, then the 4×4 head) instead of the 256²-declared sizes that crashed."""
+    d = random_d(backbones=[name], interp224=False, img_resolution=res,
+                 backbone_kwargs=TINY_DEIT if name == DEIT else None)
+    assert d.feature_networks[name].map_sizes(res) == maps
+    assert down_blocks(d, name) == blocks
+    x = images(batch=2, res=res).requires_grad_(True)
+    (logits,) = d.train()(x)
+    assert logits.shape == (2, width)
+    (grad,) = torch.autograd.grad(logits.sum(), x)
+    assert grad.abs().sum() > 0
+
+
+def test_interp224_off_refuses_maps_smaller_than_the_head():
+    with pytest.raises(ValueError, match=r"--interp224=false: at 32×32 input, tf_efficientnet_lite0's level-3 "
+                                         r"maps end 2×2, smaller than the mini-discriminator's 4×4 head"):
+        random_d(interp224=False, img_resolution=32)
+    with pytest.raises(ValueError, match='needs img_resolution'):
+        random_d(interp224=False)
+    assert down_blocks(random_d(img_resolution=32), LITE0) == [4, 3, 2, 1]  # interp224 on: the official sizes
+
+
 def test_conditional_logits_depend_on_label():
-    d = random_d(c_dim=10, interp224=False).eval()
-    x = images(batch=1, res=128).expand(3, -1, -1, -1)
+    d = random_d(c_dim=10, interp224=False, img_resolution=64).eval()
+    x = images(batch=1, res=64).expand(3, -1, -1, -1)
     c = torch.nn.functional.one_hot(torch.tensor([3, 3, 5]), 10).float()
     with torch.no_grad():
         (logits,) = d(x, c)
-    assert logits.shape == (3, 4)  # 128² without resize: 1×1 per mini-disc
+    assert logits.shape == (3, 76)  # 64² without resize: maps 32, 16, 8, 4 → 5×5, 5×5, 5×5, 1×1
     assert torch.allclose(logits[0], logits[1]) and not torch.allclose(logits[0], logits[2])
     with pytest.raises(ValueError, match=r'one-hot labels c of shape \[B, 10\]'):
         d(x)

@@ -6,8 +6,12 @@ backward, accumulation, optimizers and gradient all-reduce. Stats are detached 0
 sync here). The discriminator and its losses always run in float32, also inside the caller's autocast
 (d2o-method §9).
 
-D interface used: `D(img, c) -> [logits [B, N_k] per backbone]`, `D.features(img, augment=...)` (frozen
-part) and `D.score(features, c)` (trainable part), `D.diffaug` (whether D's own passes augment).
+D interface used: `D(img, c) -> [logits [B, N_k] per backbone]`, `D.features(img)` (frozen part, DiffAugment
+included when D augments) and `D.score(features, c)` (trainable part), `D.diffaug` (whether D's passes augment).
+
+Sharing real features between D main and R1 (r1_features → discriminator_loss(real_features=...)) is exact
+only when D does not augment (diffaug off, the default and the paper's setting): with DiffAugment the official
+D main and R1 passes each draw their own augmentation, so the caller must not share them (refused here).
 """
 import torch
 import torch.nn.functional as F
@@ -79,8 +83,8 @@ def discriminator_loss(D, real_img, fake_img, labels, adv_scale, loss_type='ns',
     """D main: separate passes for fakes (detached here: no gradient reaches G) and reals, so BatchNorm
     normalises each with its own batch statistics as in the official code.
     `real_features`: r1_features(D, real_img) computed for an R1 stage in the same iteration; the real pass
-    then reuses those frozen features instead of recomputing them. Equivalent to D's own real pass only when
-    D does not augment (checked); identical up to rounding where R1's math attention kernel replaces a fused one."""
+    then reuses those frozen features instead of recomputing them. Allowed only when D does not augment
+    (checked); identical up to rounding where R1's math attention kernel replaces a fused one."""
     _check_loss_type(loss_type)
     with _no_autocast(real_img.device):
         logits_fake = D(fake_img.detach().float(), labels)
@@ -88,8 +92,8 @@ def discriminator_loss(D, real_img, fake_img, labels, adv_scale, loss_type='ns',
             logits_real = D(real_img.float(), labels)
         else:
             if D.diffaug:
-                raise ValueError('discriminator_loss: real_features are un-augmented (R1) features but D applies '
-                                 'DiffAugment to its real pass; compute the real pass without them')
+                raise ValueError('discriminator_loss: real_features (R1\'s pass) cannot be shared when D applies '
+                                 'DiffAugment: its real pass draws its own augmentation; compute it without them')
             logits_real = D.score([[f.detach() for f in maps] for maps in real_features[1]], labels)
         loss_fake = adv_scale * _adversarial(logits_fake, _D_FAKE_TERM[loss_type])
         loss_real = adv_scale * _adversarial(logits_real, _D_REAL_TERM[loss_type])
@@ -98,18 +102,22 @@ def discriminator_loss(D, real_img, fake_img, labels, adv_scale, loss_type='ns',
 
 
 def r1_features(D, real_img):
-    """R1's input: the reals as a fresh leaf requiring grad (never augmented) and D's frozen features of it
-    with the graph to the leaf. Pass the pair to r1_penalty, and to discriminator_loss when both stages run
+    """R1's input: the reals as a fresh leaf requiring grad and D's frozen features of it with the graph to
+    the leaf. When D augments (diffaug), the features are of DiffAugmented reals, as the official R1 runs D's
+    full forward on them; the gradient is still taken w.r.t. the un-augmented leaf, through the augmentation
+    (docs/method.md §5, §10; issue 13.4). DiffAugment draws from torch's default generator here.
+    Pass the pair to r1_penalty, and, only when D does not augment, to discriminator_loss when both stages run
     in one iteration, to compute the frozen feature networks once on the reals."""
     x = real_img.detach().float().requires_grad_(True)
     # R1 differentiates twice through the frozen feature net: fused attention kernels (DeiT's
     # scaled_dot_product_attention) have no double backward, the math kernel has.
     with _no_autocast(x.device), sdpa_kernel(SDPBackend.MATH):
-        return x, D.features(x, augment=False)
+        return x, D.features(x)
 
 
 def r1_penalty(D, real_img, labels, gamma, real_features=None):
-    """Lazy R1 (d2o-method §5): g = ∂(Σ all logits)/∂x on clean reals, loss = mean_b γ/2 · Σ_chw g².
+    """Lazy R1 (d2o-method §5): g = ∂(Σ all logits)/∂x on the reals x (through DiffAugment when D augments),
+    loss = mean_b γ/2 · Σ_chw g².
     The graph is kept (create_graph) so that backward reaches D's weights. The loop multiplies the loss by
     R1_INTERVAL. `real_features`: r1_features(D, real_img), if already computed."""
     x, features = real_features if real_features is not None else r1_features(D, real_img)
