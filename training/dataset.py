@@ -1,52 +1,125 @@
-"""ImageFolderDataset: images from a zip or a folder in EDM's dataset layout (checkpoint-format.md §4).
+"""ImageFolderDataset: images from a zip or a folder in EDM's dataset layout (docs/checkpoint-format.md §4).
 
 Items are `(uint8 CHW ndarray, float32 label vector)`; the label vector has length `label_dim`
-(0 when unlabelled). Everything that can be checked cheaply is checked up front, so a bad dataset
-fails before training starts with an error that names the offending file."""
+(0 when unlabelled). Everything is checked up front, so a bad dataset fails before training starts
+with an error that names the offending file: every image is decoded once (a truncated or corrupt file
+is found here, not hours into a run; measured 0.8 s per 10,000 32x32 PNGs vs 0.3 s for headers only),
+and dataset.json must hold [file name, label] pairs of one kind."""
+import io
 import json
 import os
+import warnings
 import zipfile
 
 import numpy as np
 import PIL.Image
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
+MAX_CLASSES = 100_000  # label_dim is the width of the network's class input; a stray 1e9 must not allocate GiBs
+
+# Modes that become 8-bit gray (L) or RGB, and what the conversion drops (a warning once per mode and process).
+_TO_GRAY = {'1': None, 'L': None, 'I;16': None, 'I;16L': None, 'I;16B': None, 'I': None, 'LA': 'alpha dropped',
+            'La': 'alpha dropped'}
+_TO_RGB = {'RGB': None, 'RGBX': None, 'P': 'palette expanded, transparency dropped', 'PA': 'alpha dropped',
+           'RGBA': 'alpha dropped', 'RGBa': 'alpha dropped', 'CMYK': 'converted from CMYK',
+           'YCbCr': 'converted from YCbCr', 'LAB': 'converted from LAB', 'HSV': 'converted from HSV'}
+_warned_modes = set()
 
 
 def is_image_file(name):
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _warn_conversion(mode, what, name):
+    if mode not in _warned_modes:
+        _warned_modes.add(mode)
+        warnings.warn(f'{name}: image mode {mode} converted to {"gray" if mode in _TO_GRAY else "RGB"} ({what}); '
+                      f'further {mode} images are converted without a warning', stacklevel=3)
+
+
+def _to_uint8(img, name):
+    """8-bit gray or RGB pixels of an open PIL image. 16-bit gray is scaled (v / 257, nearest level: the
+    8-bit value k stored in 16 bits is k * 257), not clipped, which would turn it white."""
+    mode = img.mode
+    if mode in ('I;16', 'I;16L', 'I;16B', 'I'):
+        wide = np.asarray(img).astype(np.int64)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise ValueError(f'{name}: 32-bit integer pixels outside 0..65535; expected 8- or 16-bit images')
+        return np.round(wide / 257).astype(np.uint8)
+    if mode not in _TO_GRAY and mode not in _TO_RGB:
+        raise ValueError(f'{name}: image mode {mode} is not supported; expected 8/16-bit gray, RGB, RGBA or palette')
+    what = _TO_GRAY.get(mode) or _TO_RGB.get(mode)
+    if what:
+        _warn_conversion(mode, what, name)
+    if mode not in ('L', 'RGB'):
+        img = img.convert('L' if mode in _TO_GRAY else 'RGB')
+    return np.asarray(img, dtype=np.uint8)
+
+
 def decode_image(data, name):
-    """Decode image bytes into a uint8 CHW array (grayscale stays 1 channel, RGBA/P become RGB)."""
-    import io
+    """Decode image bytes into a uint8 CHW array: gray (8/16-bit, LA) is 1 channel, everything else RGB.
+    A truncated or corrupt file raises ValueError naming `name`."""
     try:
         with PIL.Image.open(io.BytesIO(data)) as img:
-            if img.mode not in ('L', 'RGB'):
-                img = img.convert('RGB')
-            arr = np.asarray(img, dtype=np.uint8)
-    except Exception as err:
+            arr = _to_uint8(img, name)
+    except ValueError:
+        raise
+    except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
         raise ValueError(f'{name}: cannot decode image ({err.__class__.__name__}: {err})') from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return arr.transpose(2, 0, 1)
 
 
-def labels_to_array(raw_labels, source):
-    """dataset.json labels → float32 [N, label_dim]: integers become one-hot, lists stay vectors."""
-    try:
-        arr = np.asarray(raw_labels)
-    except Exception:
-        raise ValueError(f'{source}: dataset.json labels are neither all integers nor equal-length lists') from None
-    if arr.ndim == 1 and np.issubdtype(arr.dtype, np.integer):
-        if arr.min() < 0:
-            raise ValueError(f'{source}: dataset.json has a negative class label')
-        onehot = np.zeros([arr.size, int(arr.max()) + 1], dtype=np.float32)
-        onehot[np.arange(arr.size), arr] = 1
-        return onehot
-    if arr.ndim == 2 and np.issubdtype(arr.dtype, np.number):
-        return arr.astype(np.float32)
-    raise ValueError(f'{source}: dataset.json labels must be integers or equal-length lists of numbers')
+def parse_label_pairs(meta, source):
+    """dataset.json contents → {image name: raw label}, or None for `"labels": null` (unlabelled)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f'{source}: dataset.json must be an object {{"labels": [[file name, label], ...]}}, '
+                         f'got a {type(meta).__name__}')
+    labels = meta.get('labels')
+    if labels is None:
+        return None
+    if not isinstance(labels, list):
+        raise ValueError(f'{source}: dataset.json "labels" must be a list of [file name, label] pairs, '
+                         f'got a {"dict" if isinstance(labels, dict) else type(labels).__name__}')
+    for pair in labels:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise ValueError(f'{source}: dataset.json "labels" must be a list of [file name, label] pairs, '
+                             f'found the entry {json.dumps(pair)[:80]}')
+    return {name.replace('\\', '/'): label for name, label in labels}
+
+
+def labels_to_array(names, raw_labels, source):
+    """Validated labels of `names` (parallel list `raw_labels`): int64 class indices [N] (one-hot on access)
+    or float32 vectors [N, D]. JSON bools, floats as classes, NaN/Inf, ragged or mixed labels are errors
+    that start with `source` and name the image."""
+    is_class = [type(label) is int for label in raw_labels]  # bool is not a class index
+    if all(is_class):
+        classes = np.asarray([max(-1, min(label, MAX_CLASSES)) for label in raw_labels], dtype=np.int64)
+        for bad, why in ((classes < 0, 'is negative'), (classes >= MAX_CLASSES, f'is not below {MAX_CLASSES:,}')):
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise ValueError(f'{source}: class label {raw_labels[i]} of {names[i]} {why}')
+        return classes
+    expected = 'expected a class index (integer >= 0) for every image or a list of finite numbers for every image'
+    if any(is_class):
+        i, j = is_class.index(True), is_class.index(False)
+        raise ValueError(f'{source}: label of {names[j]} is {json.dumps(raw_labels[j])[:80]} but {names[i]} has '
+                         f'class index {raw_labels[i]}; {expected}')
+    for name, label in zip(names, raw_labels):
+        if not (isinstance(label, list) and all(type(v) in (int, float) for v in label) and all(np.isfinite(label))):
+            raise ValueError(f'{source}: label of {name} is {json.dumps(label)[:80]}; {expected}')
+    lengths = {len(label) for label in raw_labels}
+    if len(lengths) != 1 or 0 in lengths:
+        raise ValueError(f'{source}: label vectors must share one length > 0; found lengths {sorted(lengths)[:5]}')
+    return np.asarray(raw_labels, dtype=np.float32).reshape(len(raw_labels), -1)
+
+
+def label_dim_of(labels):
+    """Length of the label vector for labels from `labels_to_array`."""
+    if labels is None:
+        return 0
+    return int(labels.max()) + 1 if labels.ndim == 1 else labels.shape[1]
 
 
 class ImageFolderDataset:
@@ -88,8 +161,9 @@ class ImageFolderDataset:
         if max_size is not None and len(self._raw_idx) > max_size:
             rnd = np.random.RandomState(random_seed)
             self._raw_idx = np.sort(rnd.choice(self._raw_idx, size=int(max_size), replace=False))
-        self._raw_shape = self._check_shapes()
+        self._raw_shape = self._check_images()
         self._labels = self._load_labels() if self._use_labels else None
+        self._label_dim = label_dim_of(self._labels)
         self._flip = np.zeros(len(self._raw_idx), dtype=bool)
         if self._xflip:
             self._raw_idx = np.concatenate([self._raw_idx, self._raw_idx])
@@ -115,46 +189,37 @@ class ImageFolderDataset:
         except (zipfile.BadZipFile, OSError, KeyError) as err:
             raise ValueError(f'{self.path}: cannot read {name} ({err})') from None
 
-    def _open_header(self, name):
-        """Size and band count from the image header only (no full decode)."""
-        import io
-        try:
-            with PIL.Image.open(io.BytesIO(self._read_bytes(name))) as img:
-                channels = 1 if img.mode == 'L' else 3
-                return channels, img.height, img.width
-        except ValueError:
-            raise
-        except Exception as err:
-            raise ValueError(f'{self.path}: {name} is not a readable image ({err.__class__.__name__}: {err})') from None
-
-    def _check_shapes(self):
-        shapes = {}
+    def _check_images(self):
+        """Decode every selected image once: size, channels and readability are known before training."""
+        first = None
         for idx in self._raw_idx:
             name = self._image_names[idx]
-            shape = self._open_header(name)
-            if shapes and shape not in shapes:
-                first_shape, first_name = next(iter(shapes.items()))
-                raise ValueError(f'{self.path}: {name} has shape {shape} (channels, H, W) but {first_name} '
-                                 f'has {first_shape}; all images must share size and channels')
-            shapes.setdefault(shape, name)
-        return [len(self._raw_idx), *next(iter(shapes))]
+            image = decode_image(self._read_bytes(name), f'{self.path}: {name}')
+            if first is None:
+                first = image.shape, name
+            elif image.shape != first[0]:
+                raise ValueError(f'{self.path}: {name} has shape {image.shape} (channels, H, W) but {first[1]} '
+                                 f'has {first[0]}; all images must share size and channels')
+            if self._cache:  # decoded anyway: keep it when caching
+                self._cached[int(idx)] = image
+        return [len(self._raw_idx), *first[0]]
 
     def _load_labels(self):
         if 'dataset.json' not in self._all_names:
             raise ValueError(f'{self.path}: labels requested (use_labels / --cond) but there is no dataset.json')
         try:
             meta = json.loads(self._read_bytes('dataset.json'))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f'{self.path}: dataset.json is not valid JSON ({err})') from None
-        labels = meta.get('labels') if isinstance(meta, dict) else None
-        if labels is None:
+        by_name = parse_label_pairs(meta, self.path)
+        if by_name is None:
             raise ValueError(f'{self.path}: labels requested but dataset.json has "labels": null')
-        by_name = {str(n).replace('\\', '/'): lab for n, lab in labels}
-        missing = [n for n in (self._image_names[i] for i in self._raw_idx) if n not in by_name]
+        names = [self._image_names[i] for i in self._raw_idx]
+        missing = [n for n in names if n not in by_name]
         if missing:
             raise ValueError(f'{self.path}: dataset.json has no label for {missing[0]} '
                              f'({len(missing)} image(s) unlabelled)')
-        return labels_to_array([by_name[self._image_names[i]] for i in self._raw_idx], f'{self.path}')
+        return labels_to_array(names, [by_name[n] for n in names], f'{self.path}: dataset.json')
 
     # --- dataset protocol --------------------------------------------------------------------
     def __len__(self):
@@ -178,7 +243,12 @@ class ImageFolderDataset:
     def get_label(self, idx):
         if self._labels is None:
             return np.zeros([0], dtype=np.float32)
-        return self._labels[idx % len(self._labels)].copy()
+        label = self._labels[idx % len(self._labels)]
+        if self._labels.ndim == 2:
+            return label.copy()
+        onehot = np.zeros([self._label_dim], dtype=np.float32)  # class indices: one-hot per item, not N x C
+        onehot[label] = 1
+        return onehot
 
     def image_name(self, idx):
         return self._image_names[int(self._raw_idx[idx])]
@@ -212,7 +282,7 @@ class ImageFolderDataset:
 
     @property
     def label_dim(self):
-        return 0 if self._labels is None else self._labels.shape[1]
+        return self._label_dim
 
     @property
     def has_labels(self):
