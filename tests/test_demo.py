@@ -1,0 +1,79 @@
+"""demo.py's own pieces: disjoint real subsets, the matplotlib figures, the report, and its bad-input message.
+The full pipeline is `make demo` (minutes of CPU), not a unit test."""
+import json
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+from click.testing import CliRunner
+
+import dataset_tool
+import demo
+from training.dataset import ImageFolderDataset
+
+
+def _digits(n, size=8):
+    """n distinct RGB images: image i is filled with value i (so subsets can be identified by pixel value)."""
+    return [np.full([size, size, 3], i, np.uint8) for i in range(n)]
+
+
+def test_write_subset_takes_the_requested_disjoint_range(tmp_path):
+    src = str(tmp_path / 'src.zip')
+    dataset_tool.write_dataset(((img, i % 3) for i, img in enumerate(_digits(10))), src, force=False)
+    ref, real = str(tmp_path / 'ref.zip'), str(tmp_path / 'real.zip')
+    demo.write_subset(src, ref, 0, 4)
+    demo.write_subset(src, real, 4, 4)
+    assert [int(ImageFolderDataset(ref)[i][0][0, 0, 0]) for i in range(4)] == [0, 1, 2, 3]
+    assert [int(ImageFolderDataset(real)[i][0][0, 0, 0]) for i in range(4)] == [4, 5, 6, 7]
+    with pytest.raises(Exception, match='has 10 images; need 12'):
+        demo.write_subset(src, str(tmp_path / 'too-many.zip'), 8, 4)
+
+
+def test_load_images_reads_folders_and_datasets_in_order(tmp_path):
+    folder = tmp_path / 'pngs'
+    folder.mkdir()
+    for i, img in enumerate(_digits(5)):
+        PIL.Image.fromarray(img).save(folder / f'{i:06d}.png')
+    images = demo.load_images(str(folder), 3)
+    assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
+    assert images[:, 0, 0, 0].tolist() == [0, 1, 2]
+    zip_path = str(tmp_path / 'd.zip')
+    dataset_tool.write_dataset(((img, None) for img in _digits(5)), zip_path, force=False)
+    assert demo.load_images(zip_path, 4)[:, 0, 0, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_figures_are_pngs_of_the_requested_size(tmp_path):
+    grids = str(tmp_path / 'grids.png')
+    demo.save_grids([('a', np.stack(_digits(64))), ('b', np.stack(_digits(64)))], grids)
+    assert PIL.Image.open(grids).size == (580, 320)  # figsize (2.9 per panel, 3.2) inches at 100 dpi
+    plot = str(tmp_path / 'fid.png')
+    demo.save_fid_plot({'D2O': [(0, 300.0), (400, 120.0)]}, {'teacher 35 NFE': 50.0}, plot, 'title')
+    assert PIL.Image.open(plot).size == (700, 420)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]  # written atomically
+
+
+def test_report_ratios_and_targets(tmp_path):
+    cfg = dict(outdir=str(tmp_path), dataset='mnist', num_fid=300, kimg=0.8, batch=8, lr=3e-4, adv_scale=32.0,
+               seed=0, tick=0.4)
+    runs = {'d2o-f': dict(fid=30.0, seconds=100.0, trainable_share=0.174),
+            'd2o': dict(fid=40.0, seconds=110.0, trainable_share=1.0)}
+    fids = dict(real=10.0, teacher_35nfe=25.0, teacher_1nfe=120.0)
+    lines = demo.write_report(cfg, demo.DATASETS['mnist'], runs, fids, {'D2O-F (1 NFE)': [[0, 120.0], [800, 30.0]]},
+                              {'dataset': 1.0}, 200.0)
+    results = json.load(open(tmp_path / 'results.json'))
+    assert results['dataset'] == 'mnist' and results['train_images'] == 800
+    assert results['teacher_train_images'] == round(demo.teacher_training_kimg(demo.DATASETS['mnist']) * 1000)
+    # 30/120 = 0.25 <= 1/3; 30/25 = 1.2 <= 1.5
+    assert results['targets'] == {'d2o_f_fid <= teacher_1nfe_fid / 3': True, 'd2o_f_fid <= 1.5 * teacher_35nfe_fid': True}
+    text = open(tmp_path / 'report.md').read()
+    assert '| D2O-F (freeze 1) | 1 | 30.00 |' in text and '= 0.250 (target <= 1/3: met)' in text
+    assert '= 1.200 (target <= 1.5: met)' in text and lines[0].startswith('# d2o demo')
+
+
+def test_missing_teacher_is_one_clear_line(tmp_path):
+    missing = str(tmp_path / 'nope.pkl')
+    result = CliRunner().invoke(demo.main, [f'--outdir={tmp_path}', '--dataset=synth', f'--teacher={missing}'])
+    assert result.exit_code == 1
+    assert result.output.strip() == f'Error: --teacher={missing} does not exist; run `make teacher` to train it'
+    assert os.listdir(tmp_path) == []  # nothing made before the check
