@@ -26,6 +26,7 @@ import zipfile
 import torch
 
 ZIP_MAGIC = b'PK\x03\x04'
+TRUNCATED = 'the file ends early (truncated or empty)'
 STORAGE_DTYPES = {'FloatStorage': torch.float32, 'DoubleStorage': torch.float64, 'HalfStorage': torch.float16,
                   'BFloat16Storage': torch.bfloat16, 'LongStorage': torch.int64, 'IntStorage': torch.int32,
                   'ShortStorage': torch.int16, 'CharStorage': torch.int8, 'ByteStorage': torch.uint8,
@@ -68,11 +69,23 @@ def _refuse_hooks(hooks, what):
         raise pickle.UnpicklingError(f'{what} carries backward hooks, which would be code; refusing')
 
 
+def _check_view(storage, offset, size, stride):
+    # torch's set_ would silently grow a too-small storage (zeros, or a huge allocation) instead of failing.
+    ints = [offset, *size, *stride]
+    if not all(isinstance(v, int) and v >= 0 for v in ints) or len(size) != len(stride):
+        raise pickle.UnpicklingError(f'invalid tensor view: offset {offset!r}, size {size!r}, stride {stride!r}')
+    end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else 0
+    if end > storage._size():
+        raise pickle.UnpicklingError(f'tensor view (offset {offset}, size {tuple(size)}, stride {tuple(stride)}) '
+                                     f'reaches beyond its storage of {storage._size()} elements')
+
+
 def rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     """`torch._utils._rebuild_tensor_v2` without hooks; torch checks size/stride against the storage."""
     if not isinstance(storage, torch.storage.TypedStorage):
         raise pickle.UnpicklingError(f'tensor storage is a {type(storage).__name__}, not a torch storage')
     _refuse_hooks(backward_hooks, 'a tensor')
+    _check_view(storage, offset, size, stride)
     tensor = torch._utils._rebuild_tensor(storage, offset, size, stride)
     if metadata:
         if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, bool)
@@ -181,8 +194,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return obj
         if self.inert is not None:
             return self.inert
-        raise pickle.UnpicklingError(f'{self.source}: refusing to load global {module}.{name}: it is not on the '
-                                     f'allow-list of this file type{"; " + self.hint if self.hint else ""}')
+        raise pickle.UnpicklingError(f'{self.source}: global {module}.{name} is not allowed in this kind of file '
+                                     f'(refused; nothing in the file was run){". " + self.hint if self.hint else ""}')
 
     def persistent_load(self, pid):
         ok = (self.storage is not None and isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == 'storage'
@@ -242,12 +255,17 @@ def load(file, allowed, source='<stream>', inert=None, hint='', torchscript_data
         if head == ZIP_MAGIC:
             with zipfile.ZipFile(file) as archive:
                 return read_zip(archive, allowed, source, inert=inert, hint=hint, torchscript_data=torchscript_data)
+        if head[:1] != b'\x80':  # PROTO opcode: every pickle of protocol 2+ (all the project reads) starts with it
+            raise pickle.UnpicklingError(f'{source}: not a pickle or a zip-format torch file (it starts with '
+                                         f'{head!r})' if head else TRUNCATED)
         return RestrictedUnpickler(file, allowed, source, inert=inert, hint=hint, encoding=encoding).load()
     except pickle.UnpicklingError as err:
         message = str(err)
+        if message == 'pickle data was truncated':
+            message = TRUNCATED
         raise pickle.UnpicklingError(message if message.startswith(source) else f'{source}: {message}') from None
     except EOFError:
-        raise pickle.UnpicklingError(f'{source}: the file ends early (truncated or empty)') from None
+        raise pickle.UnpicklingError(f'{source}: {TRUNCATED}') from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile) as err:
         raise pickle.UnpicklingError(f'{source}: corrupt zip archive ({err})') from None
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError, OverflowError,
