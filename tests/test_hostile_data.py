@@ -19,6 +19,11 @@ from training.dataset import ImageFolderDataset
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def no_debug_env(monkeypatch):
+    monkeypatch.delenv('D2O_DEBUG', raising=False)  # a developer's D2O_DEBUG=1 would turn errors into tracebacks
+
+
 def run(*args):
     return CliRunner().invoke(dataset_tool.cli, list(args))
 
@@ -231,3 +236,17 @@ def test_cli_failure_is_one_line_and_debug_shows_the_traceback(tmp_path):
     assert len(lines) == 1 and 'x.png: cannot decode image' in lines[0]
     debug = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(env, D2O_DEBUG='1'))
     assert debug.returncode == 1 and 'Traceback' in debug.stderr and 'x.png' in debug.stderr
+
+
+def test_corrupt_cifar_tarball_is_named(tmp_path):
+    bad = tmp_path / 'cifar-10-python.tar.gz'
+    bad.write_bytes(b'\x1f\x8b' + b'not really gzip' * 10)
+    error_line(run('convert', f'--source={bad}', f'--dest={tmp_path / "c.zip"}'), str(bad), 'CIFAR-10 python tarball')
+    assert not (tmp_path / 'c.zip').exists()
+
+
+def test_debug_flag_lets_the_exception_through(tmp_path):
+    (tmp_path / 'src').mkdir()
+    (tmp_path / 'src' / 'x.png').write_bytes(b'junk')
+    res = run('--debug', 'convert', f'--source={tmp_path / "src"}', f'--dest={tmp_path / "o.zip"}')
+    assert isinstance(res.exception, ValueError) and 'x.png: cannot decode image' in str(res.exception)
