@@ -49,8 +49,8 @@ class CLIPImageEncoder(nn.Module):
     def __init__(self, **model_kwargs):
         super().__init__()
         import timm
-        self.net = timm.create_model('vit_base_patch32_clip_224', pretrained=False, num_classes=EMBED_DIM,
-                                     act_layer='quick_gelu', **model_kwargs)
+        model_kwargs = dict(dict(num_classes=EMBED_DIM, act_layer='quick_gelu'), **model_kwargs)
+        self.net = timm.create_model('vit_base_patch32_clip_224', pretrained=False, **model_kwargs)
         self.num_features = self.net.num_classes
         self.register_buffer('mean', torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
