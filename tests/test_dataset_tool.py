@@ -68,29 +68,42 @@ def test_mixed_sizes_without_resize_fail(tmp_path):
 
 
 def _mini_cifar_tarball(path, per_batch=4):
+    """Five training batches and a test batch of random images; returns (training, test) [(CHW, label)]."""
     rng = np.random.default_rng(3)
-    expected = []
+    expected = {'train': [], 'test': []}
     with tarfile.open(path, 'w:gz') as tar:
-        for b in range(1, 6):
+        for name in [f'data_batch_{b}' for b in range(1, 6)] + ['test_batch']:
             data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
             labels = [int(x) for x in rng.integers(0, 10, per_batch)]
             payload = pickle.dumps({'data': data, 'labels': labels}, protocol=2)
-            info = tarfile.TarInfo(f'cifar-10-batches-py/data_batch_{b}')
+            info = tarfile.TarInfo(f'cifar-10-batches-py/{name}')
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-            expected += [(d.reshape(3, 32, 32), l) for d, l in zip(data, labels)]
-    return expected
+            expected['test' if name == 'test_batch' else 'train'] += [(d.reshape(3, 32, 32), l)
+                                                                      for d, l in zip(data, labels)]
+    return expected['train'], expected['test']
 
 
-def test_cifar10_tarball_converts_with_pixels_and_labels(tmp_path):
-    expected = _mini_cifar_tarball(tmp_path / 'cifar-10-python.tar.gz')
-    res = run('convert', f'--source={tmp_path / "cifar-10-python.tar.gz"}', f'--dest={tmp_path / "c.zip"}')
+@pytest.mark.parametrize('split', ['train', 'test'])
+def test_cifar10_tarball_converts_with_pixels_and_labels(tmp_path, split):
+    train, test = _mini_cifar_tarball(tmp_path / 'cifar-10-python.tar.gz')
+    expected = train if split == 'train' else test
+    res = run('convert', f'--source={tmp_path / "cifar-10-python.tar.gz"}', f'--dest={tmp_path / "c.zip"}',
+              f'--split={split}')
     assert res.exit_code == 0, res.output
     ds = ImageFolderDataset(tmp_path / 'c.zip', use_labels=True)
-    assert len(ds) == len(expected) == 20
+    assert len(ds) == len(expected) == (20 if split == 'train' else 4)
     for i, (img, label) in enumerate(expected):
         np.testing.assert_array_equal(ds[i][0], img)
         assert int(ds[i][1].argmax()) == label
+
+
+def test_split_is_refused_for_folders(tmp_path):
+    (tmp_path / 'src').mkdir()
+    PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'src' / 'a.png')
+    res = CliRunner().invoke(dataset_tool.cli, ['convert', f'--source={tmp_path / "src"}', '--split=test',
+                                                f'--dest={tmp_path / "x.zip"}'])
+    assert res.exit_code == 1 and '--split=test applies to --source=mnist and the CIFAR-10 tarball only' in res.output
 
 
 def test_cifar_unpickler_refuses_code(tmp_path):
