@@ -1,9 +1,9 @@
-"""Projected-GAN discriminator of D2O (d2o-method.md §6, §10).
+"""Projected-GAN discriminator of D2O (docs/method.md §6, §10).
 
 Per backbone: a frozen `FeatureNetwork` (feature_networks.py) yields 4 projected maps, and 4 trainable
 spectral-norm mini-discriminators turn them into logit maps, flattened and concatenated to [B, N_k].
-`features(img, augment=True)` is the frozen part and `score(features, c)` the trainable one, so the training loop can reuse
-real-image features for the D step and R1; `forward(img, c) = score(features(img), c)`."""
+`features(img)` is the frozen part (DiffAugment included when on) and `score(features, c)` the trainable one, so
+the training loop can reuse real-image features for the D step and R1; `forward(img, c) = score(features(img), c)`."""
 import math
 
 import torch
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import spectral_norm
 
-from .class_embedding import EMBED_DIM, load_class_embedding
+from .class_embedding import EMBED_DIM, resolve_class_embedding
 from .feature_networks import FeatureNetwork
 from .projector import CSM_CHANNELS
 
@@ -171,7 +171,10 @@ class ProjectedDiscriminator(nn.Module):
                                  diffaug=diffaug, log=log, **backbone_kwargs.get(name, {}))
             for name in backbones})
         self.weights_info = {name: net.provenance for name, net in self.feature_networks.items()}
-        embed_table, self.embedding_info = self._class_embedding(c_dim, embedding)
+        # `embedding`: None/'official' → the official ImageNet table, 'random' (rows from `generator`: the same
+        # on every rank) or a file. All N rows are kept and class k reads row k = argmax of its one-hot label,
+        # as the official nn.Embedding(1000, 320) does: 10 classes use rows 0–9 (docs/method.md §10).
+        embed_table, self.embedding_info = resolve_class_embedding(embedding, c_dim, log=log, generator=generator)
         if embed_table is not None:
             log(f'D class embedding: {self.embedding_info}')
         # The projected maps have CSM_CHANNELS = [64, 64, 128, 256] whatever the backbone.
@@ -201,19 +204,6 @@ class ProjectedDiscriminator(nn.Module):
                                  f'{level} maps end {size}×{size}, smaller than the mini-discriminator\'s 4×4 head; '
                                  f'use --interp224=true or a larger resolution')
         return starts
-
-    @staticmethod
-    def _class_embedding(c_dim, embedding):
-        if c_dim == 0:
-            if embedding is not None:
-                raise ValueError(f'embedding={embedding} was given but the discriminator is unconditional (c_dim=0)')
-            return None, None
-        if embedding is None:  # the official initialises from in_embeddings/tf_efficientnet_lite0.pkl instead
-            return torch.randn(max(1000, c_dim), EMBED_DIM), 'random N(0,1) (no embedding file given)'
-        table = load_class_embedding(embedding)
-        if table.shape[0] < c_dim:
-            raise ValueError(f'class embedding {embedding} has {table.shape[0]} rows but c_dim={c_dim} classes')
-        return table, f'file {embedding} ({table.shape[0]}×{EMBED_DIM})'
 
     def trainable_parameters(self):
         return self.discriminators.parameters()

@@ -1,10 +1,12 @@
 """Projected discriminator: shapes, frozen/trainable split, determinism, conditioning, DiffAugment, class embeddings.
 Weight resolution and the offline EfficientNet-Lite0 package are in tests/test_feature_weights.py."""
 import copy
+import math
 import pickle
 import pickletools
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ LITE0 = 'tf_efficientnet_lite0'
 DEIT = 'deit_base_distilled_patch16_224'
 TINY_DEIT = {DEIT: dict(embed_dim=32, num_heads=2)}  # DeiT-base's layout (12 blocks, patch 16, 224) at 1/24 width
 QUIET = dict(log=lambda *args: None)
+OFFICIAL_TABLE = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'in_embeddings' / f'{LITE0}.pkl'
 
 
 def random_d(**kwargs):
@@ -67,7 +70,7 @@ def test_deit_readouts_and_logits():
 def test_parameter_counts(lite0_d):
     count = lambda d: sum(p.numel() for p in d.trainable_parameters())  # noqa: E731
     assert count(lite0_d) == 10_331_328  # spec §10: ~10.33M per backbone
-    cond = random_d(c_dim=10)
+    cond = random_d(c_dim=10, embedding='random')
     assert count(cond) == 13_757_888  # ~13.76M with cls / Embedding(1000, 320) / embed_proj per mini-disc
     two = random_d(backbones=['vgg16_bn', LITE0])
     assert count(two) == 2 * 10_331_328
@@ -188,7 +191,7 @@ def test_interp224_off_refuses_maps_smaller_than_the_head():
 
 
 def test_conditional_logits_depend_on_label():
-    d = random_d(c_dim=10, interp224=False, img_resolution=64).eval()
+    d = random_d(c_dim=10, embedding='random', interp224=False, img_resolution=64).eval()
     x = images(batch=1, res=64).expand(3, -1, -1, -1)
     c = torch.nn.functional.one_hot(torch.tensor([3, 3, 5]), 10).float()
     with torch.no_grad():
@@ -272,3 +275,42 @@ def test_class_embedding_tensor_files(tmp_path):
         random_d(c_dim=20, embedding=tmp_path / 'e.pt')
     with pytest.raises(ValueError, match='unconditional'):
         random_d(embedding=tmp_path / 'e.pt')
+
+
+def official_table_path():
+    if not OFFICIAL_TABLE.is_file():
+        pytest.skip(f'{OFFICIAL_TABLE} not found: the shared fixtures are not checked out beside this repo')
+    return OFFICIAL_TABLE
+
+
+def conditional_output(disc, feature, row):
+    """SingleDiscCond by hand (docs/method.md §10): Σ_ch cls(main(f))·cmap / √64 with
+    cmap = √2·lrelu_0.2(W/√320·row + b), the table row given explicitly."""
+    proj = disc.embed_proj
+    cmap = torch.nn.functional.leaky_relu(row @ proj.weight.T / math.sqrt(320) + proj.bias, 0.2) * math.sqrt(2)
+    return (disc.cls(disc.main(feature)) * cmap[:, :, None, None]).sum(dim=1) / 8
+
+
+@pytest.mark.parametrize('c_dim, classes', [(10, [0, 3, 9]), (1000, [0, 517, 999])])
+def test_official_class_embedding_rows_follow_class_index(c_dim, classes, monkeypatch):
+    """Issue 13.1: a conditional D starts from the official table by default, keeps all its 1000 rows (also for
+    10 classes, like the official nn.Embedding(1000, 320)) and scores class k, given one-hot, with row k."""
+    table = class_embedding.load_class_embedding(official_table_path())
+    assert table.shape == (1000, 320)
+    # The download cache already holds the official file (the fixture): no network.
+    monkeypatch.setattr(class_embedding.util, 'open_url', lambda url, return_filename: str(official_table_path()))
+    torch.manual_seed(0)
+    d = random_d(c_dim=c_dim, interp224=False, img_resolution=64).eval()
+    assert d.embedding_info.startswith(f'official {class_embedding.OFFICIAL_URL}')
+    discs = list(d.discriminators[LITE0].mini_discs.values())
+    assert all(torch.equal(disc.embed.weight, table) for disc in discs)
+    x = images(batch=1, res=64).expand(len(classes), -1, -1, -1)
+    c = torch.nn.functional.one_hot(torch.tensor(classes), c_dim).float()
+    with torch.no_grad():
+        (logits,) = d(x, c)
+        features = d.features(x)[0]
+        expected = torch.cat([conditional_output(disc, f, table[classes]).flatten(1)
+                              for disc, f in zip(discs, features)], 1)
+    # Random backbone, eval-mode BatchNorm at its initial statistics: logits reach ~1e4, hence a relative bound.
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    assert not torch.allclose(logits[0], logits[1], rtol=1e-3, atol=0)  # same image, other class, other row
