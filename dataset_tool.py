@@ -143,7 +143,7 @@ def read_labels_json(data, source):
         meta = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise click.ClickException(f'{source}: dataset.json is not valid JSON ({err})') from None
-    return parse_label_pairs(meta, f'{source}: dataset.json')
+    return parse_label_pairs(meta, source)
 
 
 def folder_class_labels(source, names):

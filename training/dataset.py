@@ -161,9 +161,9 @@ class ImageFolderDataset:
         if max_size is not None and len(self._raw_idx) > max_size:
             rnd = np.random.RandomState(random_seed)
             self._raw_idx = np.sort(rnd.choice(self._raw_idx, size=int(max_size), replace=False))
-        self._raw_shape = self._check_images()
-        self._labels = self._load_labels() if self._use_labels else None
+        self._labels = self._load_labels() if self._use_labels else None  # cheap checks first
         self._label_dim = label_dim_of(self._labels)
+        self._raw_shape = self._check_images()
         self._flip = np.zeros(len(self._raw_idx), dtype=bool)
         if self._xflip:
             self._raw_idx = np.concatenate([self._raw_idx, self._raw_idx])
