@@ -3,9 +3,11 @@ the file/option, exit status 1 and nothing lost; images and labels that can be r
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import zipfile
+import zlib
 
 import numpy as np
 import PIL.Image
@@ -137,6 +139,24 @@ def test_16_bit_png_is_scaled_not_white(tmp_path):
     res = run('convert', f'--source={tmp_path / "w.zip"}', f'--dest={tmp_path / "c.zip"}')
     assert res.exit_code == 0, res.output
     np.testing.assert_array_equal(ImageFolderDataset(tmp_path / 'c.zip')[1][0][0], expected)
+
+
+def png16_rgb_bytes(values):
+    """A 16-bit-per-channel RGB PNG (Pillow cannot write one), chunk by chunk as the PNG spec lays it out."""
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    h, w, _ = values.shape
+    rows = b''.join(b'\x00' + values[y].astype('>u2').tobytes() for y in range(h))  # filter type 0 per row
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, 2, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
+
+
+def test_16_bit_rgb_png_keeps_its_levels(tmp_path):
+    levels = np.random.default_rng(4).integers(0, 256, (4, 5, 3))
+    zip_dataset(tmp_path / 'rgb16.zip', [png16_rgb_bytes(levels * 257)])
+    ds = ImageFolderDataset(tmp_path / 'rgb16.zip')
+    assert ds.num_channels == 3
+    np.testing.assert_array_equal(ds[0][0], levels.transpose(2, 0, 1))
 
 
 def test_rgba_palette_and_la_convert_with_one_warning_per_mode(tmp_path, monkeypatch):
