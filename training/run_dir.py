@@ -376,10 +376,13 @@ def _refuse(path, problem, instead):
     return ValueError(f'--resume={path}: {problem}; {instead}')
 
 
+USE_EARLIER = 'resume from an earlier training-state-*.pt of the same run'
+USE_OURS = 'pass a training-state-*.pt written by train.py'
+
+
 def _check_state_file(path):
     """Tell wrong-kind and truncated files apart before torch reads them (torch's own errors name
     neither the file nor a remedy)."""
-    earlier = 'resume from an earlier training-state-*.pt of the same run'
     try:
         with open(path, 'rb') as f:
             head = f.read(4)
@@ -390,18 +393,16 @@ def _check_state_file(path):
                       'pass training-state-*.pt or its run directory; to start from a snapshot use '
                       f'--transfer={path}')
     if head != b'PK\x03\x04':
-        raise _refuse(path, 'not a training state (not a torch zip file)', 'pass a training-state-*.pt written by train.py')
+        raise _refuse(path, 'not a training state (not a torch zip file)', USE_OURS)
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
-        raise _refuse(path, 'corrupt or truncated training state (unreadable zip directory)', earlier) from None
+        raise _refuse(path, 'corrupt or truncated training state (unreadable zip directory)', USE_EARLIER) from None
     if any('/code/' in n or n.endswith('/constants.pkl') for n in names):
-        raise _refuse(path, 'a TorchScript archive, which would run code when loaded; refused', 'pass a '
-                      'training-state-*.pt written by train.py')
+        raise _refuse(path, 'a TorchScript archive, which would run code when loaded; refused', USE_OURS)
     if not any(n.endswith('/data.pkl') for n in names):
-        raise _refuse(path, 'a zip file without data.pkl (a dataset?), not a training state',
-                      'pass a training-state-*.pt written by train.py')
+        raise _refuse(path, 'a zip file without data.pkl (a dataset?), not a training state', USE_OURS)
 
 
 def load_training_state(path, required_keys=STATE_KEYS, mmap=False):
@@ -411,20 +412,23 @@ def load_training_state(path, required_keys=STATE_KEYS, mmap=False):
     import pickle
     import torch
     _check_state_file(path)
-    earlier = 'resume from an earlier training-state-*.pt of the same run'
     try:
         state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        raise _refuse(path, 'holds pickled objects, not plain tensors (an EDM training state, or not written by '
-                            'train.py)', 'to start from an EDM run use --transfer=network-snapshot-*.pkl') from None
+    except pickle.UnpicklingError as err:  # torch names a refused class 'GLOBAL module.name'
+        refused = re.search(r'GLOBAL (\S+)', str(err))
+        if refused is None:
+            raise _refuse(path, 'corrupt training state (unreadable pickle)', USE_EARLIER) from None
+        raise _refuse(path, f'holds pickled objects ({refused.group(1)}), not plain tensors (an EDM training state, '
+                            f'or not written by train.py)', 'to start from an EDM run use '
+                      '--transfer=network-snapshot-*.pkl') from None
     except Exception as err:  # torch reports truncation/corruption with RuntimeError, EOFError, KeyError...
-        raise _refuse(path, f'corrupt or truncated training state ({type(err).__name__})', earlier) from None
+        raise _refuse(path, f'corrupt or truncated training state ({type(err).__name__})', USE_EARLIER) from None
     if isinstance(state, dict) and 'version' in state and state['version'] != STATE_VERSION:
         raise _refuse(path, f'training-state version {state["version"]!r}, this code reads version {STATE_VERSION}',
                       'resume it with the d2o version that wrote it')
     missing = [k for k in required_keys if k not in state] if isinstance(state, dict) else list(required_keys)
     if missing:
-        raise _refuse(path, f'incomplete training state (missing {", ".join(missing)})', earlier)
+        raise _refuse(path, f'incomplete training state (missing {", ".join(missing)})', USE_EARLIER)
     return state
 
 
@@ -491,9 +495,25 @@ def exit_status_for_signal(signum):
 
 
 def worker_init_fn(worker_id):  # noqa: ARG001 (DataLoader's signature)
-    """DataLoader worker_init_fn: the worker ignores SIGINT/SIGTERM; it still exits with its parent."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    """DataLoader worker_init_fn: the worker ignores SIGINT, and SIGTERM from anyone but its parent.
+
+    Plain SIG_IGN for SIGTERM would hang the exit: multiprocessing stops daemonic workers at exit with
+    SIGTERM and then joins them without a timeout. So SIGTERM is blocked and consumed by a thread that
+    exits the worker only when the parent sent it (what torch's own worker handler does, minus dying on
+    signals from others). Without sigwaitinfo (macOS) the worker leaves the process group instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, 'sigwaitinfo'):
+        os.setpgid(0, 0)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name='sigterm-from-parent',
+                     daemon=True).start()
+
+
+def _exit_on_sigterm_from(parent):
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 class StopSignals:
