@@ -120,6 +120,44 @@ def test_precision_recall_identical_and_far_apart():
     assert precision == 0.5 and recall >= 0.5
 
 
+def brute_force_precision_recall(real, gen, k=3):
+    """ADM's definition with full float64 distance matrices."""
+    def sq(a, b):
+        return ((a[:, None] - b[None]) ** 2).sum(-1)
+    radius_real, radius_gen = np.sort(sq(real, real), 1)[:, k], np.sort(sq(gen, gen), 1)[:, k]
+    d = sq(gen, real)
+    return (d <= radius_real[None]).any(1).mean(), (d.T <= radius_gen[None]).any(1).mean()
+
+
+def test_precision_recall_matches_brute_force_across_blocks():
+    rng = np.random.default_rng(4)
+    real, gen = rng.standard_normal((37, 10)), rng.standard_normal((29, 10)) * 1.3 + 0.4
+    expected = brute_force_precision_recall(real, gen)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    assert metrics.precision_recall(real, gen, batch=8) == pytest.approx(expected, abs=1e-12)
+    # ADM's float16 distance blocks are exact on small integers, ties (`<=`) included
+    real_int, gen_int = rng.integers(0, 6, (40, 5)).astype(float), rng.integers(1, 7, (33, 5)).astype(float)
+    assert metrics.precision_recall(real_int, gen_int, batch=9, half=True) == pytest.approx(
+        brute_force_precision_recall(real_int, gen_int), abs=1e-12)
+
+
+def test_half_distances_fall_back_to_float32_when_float16_overflows():
+    a, b = torch.tensor([[300.0, 0.0]]), torch.tensor([[0.0, 0.0], [299.0, 0.0]])  # 300² > float16's max 65504
+    assert torch.equal(squared_distances(a, b, half=True), torch.tensor([[90000.0, 1.0]]))
+    assert squared_distances(a / 100, b / 100, half=True).dtype == torch.float32
+
+
+def test_inception_score_adm_chunks_of_rows():
+    """ADM: consecutive chunks of `split_size` rows, the last one shorter; mean and std over chunks."""
+    logits = torch.randn(10, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def by_hand(part):
+        p = part.softmax(1)
+        return float(torch.exp((p * (p.log() - p.mean(0).log())).sum(1).mean()))
+    chunks = [by_hand(logits[0:4]), by_hand(logits[4:8]), by_hand(logits[8:10])]
+    assert metrics.inception_score(logits, split_size=4) == pytest.approx((np.mean(chunks), np.std(chunks)), rel=1e-12)
+
+
 # --- preprocessing -------------------------------------------------------------------------------
 def test_tf1_bilinear_resize_2x2_to_3x3_by_hand():
     # Output pixel j reads input coordinate j·2/3 = 0, 2/3, 4/3 (→ clamped to pixel 1):
@@ -284,6 +322,24 @@ def test_compute_feature_stats_keeps_index_order_and_float64_moments():
         metrics.compute_feature_stats([([0, 1], images[:2])], detector, 11)
     with pytest.raises(TypeError, match='uint8'):
         metrics.compute_feature_stats([([0, 1], images[:2].float())], detector, 2)
+
+
+def test_several_networks_in_one_pass_equal_separate_passes():
+    images = torch.randint(0, 256, (9, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    a, b = ProjectionDetector(48), ProjectionDetector(48)
+    b.proj.mul_(-2)
+    seen = []
+
+    def batches():
+        for idx in ([0, 1, 2, 3], [4, 5, 6, 7, 8]):
+            seen.append(idx)
+            yield idx, images[idx]
+    both = metrics.compute_feature_stats(batches(), dict(a=a, b=b), 9, capture_features={'b'})
+    assert len(seen) == 2  # each batch decoded once for both networks
+    for name, net in (('a', a), ('b', b)):
+        alone = metrics.compute_feature_stats([(list(range(9)), images)], net, 9, capture_features=True)
+        assert np.allclose(both[name].mu, alone.mu, atol=1e-12) and np.allclose(both[name].sigma, alone.sigma, atol=1e-9)
+    assert both['a'].features is None and torch.equal(both['b'].features, b(images))
 
 
 def test_rank_chunks_is_the_shared_rank_split():
