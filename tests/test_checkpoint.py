@@ -1,5 +1,5 @@
 """training/checkpoint.py: safe loading of real EDM/D2O snapshots, refusal of code in pickles, our own
-snapshots and training states, teacher → generator transfer."""
+snapshots and training states (teacher transfer: tests/test_generator.py)."""
 import os
 import pickle
 import subprocess
@@ -214,38 +214,3 @@ def test_original_training_state_zip_loads_safely(tmp_path):
     assert type(state['net']) is networks.D2OPrecond
     assert torch.equal(state['net'].model.map_layer0.weight, net.model.map_layer0.weight)
     assert state['optimizer_state']['param_groups'][0]['betas'] == (0.0, 0.99)
-
-
-def test_transfer_from_edm_teacher():
-    pkl, _ = fixture('edm_edm_ncsnpp_uncond32')  # NCSN++ with augment_dim 9, like edm-cifar10-32x32-uncond-ve.pkl
-    teacher = checkpoint.load_network(pkl)
-    kwargs = checkpoint.generator_kwargs_from_teacher(teacher, dropout=0.0)
-    assert kwargs['augment_dim'] == 0 and kwargs['dropout'] == 0.0 and kwargs['model_type'] == 'SongUNet'
-    assert kwargs['channel_mult'] == teacher._init_kwargs['channel_mult']
-    generator = networks.D2OPrecond(**kwargs)
-    report = checkpoint.transfer_weights(teacher, generator)
-    assert report.dropped == ['model.map_augment.weight'] and report.new == []
-    assert 'model.map_noise.freqs' in report.copied
-    assert len(report.copied) == len(generator.state_dict())
-    assert torch.equal(generator.model.map_noise.freqs, teacher.model.map_noise.freqs)
-    for name, t in generator.state_dict().items():
-        assert torch.equal(t, teacher.state_dict()[name])
-
-
-def test_transfer_between_d2o_nets_reproduces_outputs():
-    pkl, golden = fixture('d2o_adm_cond16')
-    source = checkpoint.load_network(pkl)
-    generator = networks.D2OPrecond(**checkpoint.generator_kwargs_from_teacher(source))
-    report = checkpoint.transfer_weights(source, generator)
-    assert report.dropped == [] and report.new == []
-    x, sigma, labels = (torch.from_numpy(golden[key]) for key in ('x', 'sigma', 'class_labels'))
-    assert torch.equal(generator.eval()(x, sigma, class_labels=labels), source(x, sigma, class_labels=labels))
-
-
-def test_transfer_rejects_shape_mismatch_and_reports_unused():
-    pkl, _ = fixture('edm_iddpm_adm_uncond16')
-    teacher = checkpoint.load_network(pkl)
-    kwargs = checkpoint.generator_kwargs_from_teacher(teacher)
-    assert 'C_1' not in kwargs and 'M' not in kwargs and kwargs['model_type'] == 'DhariwalUNet'
-    with pytest.raises(ValueError, match=r'model\.out_conv\.weight \(6, 32, 3, 3\) -> \(3, 32, 3, 3\)'):
-        checkpoint.transfer_weights(teacher, networks.D2OPrecond(**kwargs))

@@ -210,6 +210,35 @@ def test_bfloat16_unet_and_autocast():
         assert (amp - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
+def _mapping_and_affine_outputs(net, x, sigma, labels):
+    """(mapping output, {affine module name: output}) of one forward pass."""
+    outputs = {}
+    hooks = [module.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+             for name, module in net.named_modules() if name.endswith('affine') or name == 'model.map_layer1']
+    net(x, sigma, class_labels=labels)
+    for hook in hooks:
+        hook.remove()
+    return outputs.pop('model.map_layer1'), outputs
+
+
+@pytest.mark.parametrize('kwargs', [TINY_NCSNPP, TINY_ADM], ids=['ncsnpp', 'adm'])
+def test_mapping_and_affine_stay_float32_under_bf16_autocast(kwargs):
+    # Official networks keep the noise/class embedding and its per-block projections in float32 (d2o-method §9).
+    torch.manual_seed(7)
+    net = perturbed(networks.D2OPrecond(**kwargs, label_dim=4))
+    x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([80.0, 0.5]), torch.eye(4)[[1, 3]]
+    map32, affine32 = _mapping_and_affine_outputs(net, x, sigma, labels)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        map16, affine16 = _mapping_and_affine_outputs(net, x, sigma, labels)
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16  # autocast does lower plain matmuls
+    assert map16.dtype == torch.float32 and torch.equal(map16, map32)
+    assert len(affine16) == len([m for m in net.modules() if isinstance(m, networks.UNetBlock)]) > 0
+    for name, out in affine16.items():
+        assert out.dtype == torch.float32 and torch.equal(out, affine32[name]), name
+    emb = net.model.mapping(torch.tensor([0.3, -0.2]), labels, None, 2)  # the same computation, called directly
+    assert emb.dtype == torch.float32 and emb.shape == (2, net.model.map_layer1.out_features)
+
+
 def test_gradients_reach_every_parameter():
     torch.manual_seed(6)
     net = perturbed(networks.D2OPrecond(**TINY_NCSNPP)).train()
