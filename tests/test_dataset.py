@@ -49,6 +49,16 @@ def test_xflip_and_max_size(tmp_path):
     assert [sub.image_name(i) for i in range(3)] == sorted(sub.image_name(i) for i in range(3))
 
 
+def test_subset_keeps_the_label_dim_of_the_whole_dataset(tmp_path):
+    # EDM sizes the one-hot vector from every label in dataset.json, not from the images a max_size subset keeps.
+    _write_folder(tmp_path / 'd', [np.full((4, 4, 3), i, np.uint8) for i in range(6)], labels=[0, 1, 0, 1, 0, 7])
+    for seed in range(4):
+        sub = ImageFolderDataset(tmp_path / 'd', use_labels=True, max_size=2, random_seed=seed)
+        assert sub.label_dim == 8
+        for i in range(2):
+            assert int(sub[i][1].argmax()) == [0, 1, 0, 1, 0, 7][int(sub.image_name(i)[:3])]
+
+
 def test_grayscale_is_one_channel(tmp_path):
     _write_folder(tmp_path / 'g', [np.full((4, 4), 7, np.uint8)] * 2)
     ds = ImageFolderDataset(tmp_path / 'g')

@@ -117,8 +117,6 @@ def labels_to_array(names, raw_labels, source):
 
 def label_dim_of(labels):
     """Length of the label vector for labels from `labels_to_array`."""
-    if labels is None:
-        return 0
     return int(labels.max()) + 1 if labels.ndim == 1 else labels.shape[1]
 
 
@@ -161,8 +159,7 @@ class ImageFolderDataset:
         if max_size is not None and len(self._raw_idx) > max_size:
             rnd = np.random.RandomState(random_seed)
             self._raw_idx = np.sort(rnd.choice(self._raw_idx, size=int(max_size), replace=False))
-        self._labels = self._load_labels() if self._use_labels else None  # cheap checks first
-        self._label_dim = label_dim_of(self._labels)
+        self._labels, self._label_dim = self._load_labels() if self._use_labels else (None, 0)  # cheap checks first
         self._raw_shape = self._check_images()
         self._flip = np.zeros(len(self._raw_idx), dtype=bool)
         if self._xflip:
@@ -214,12 +211,14 @@ class ImageFolderDataset:
         by_name = parse_label_pairs(meta, self.path)
         if by_name is None:
             raise ValueError(f'{self.path}: labels requested but dataset.json has "labels": null')
-        names = [self._image_names[i] for i in self._raw_idx]
-        missing = [n for n in names if n not in by_name]
+        missing = [n for n in self._image_names if n not in by_name]
         if missing:
             raise ValueError(f'{self.path}: dataset.json has no label for {missing[0]} '
                              f'({len(missing)} image(s) unlabelled)')
-        return labels_to_array(names, [by_name[n] for n in names], f'{self.path}: dataset.json')
+        # All images, as EDM does: a max_size subset keeps the dataset's label_dim.
+        labels = labels_to_array(self._image_names, [by_name[n] for n in self._image_names],
+                                 f'{self.path}: dataset.json')
+        return labels[self._raw_idx], label_dim_of(labels)
 
     # --- dataset protocol --------------------------------------------------------------------
     def __len__(self):
