@@ -81,21 +81,22 @@ def run_parallel(jobs, total_kimg, metric, log):
     for name, args, run_dir in jobs:
         cmd = [sys.executable] + args
         logfile = run_dir + '.log'
-        log(f'$ {" ".join(cmd)} > {logfile} 2>&1')
-        out = open(logfile, 'w')
-        procs.append(dict(name=name, out=out, logfile=logfile, run_dir=run_dir, start=time.time(), seconds=None,
-                          seen=0, proc=subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                                        env=dict(os.environ, **THREAD_ENV))))
+        log(f'$ {" ".join(cmd)} >> {logfile} 2>&1')
+        out = open(logfile, 'a')
+        files = dict(stats=os.path.join(run_dir, 'stats.jsonl'), metric=os.path.join(run_dir, f'metric-{metric}.jsonl'))
+        procs.append(dict(name=name, out=out, logfile=logfile, files=files, start=time.time(), seconds=None,
+                          seen={k: len(read_jsonl(path)) for k, path in files.items()},  # resumed runs: skip old records
+                          proc=subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                                env=dict(os.environ, **THREAD_ENV))))
     try:
         while any(p['seconds'] is None for p in procs):
             time.sleep(2)
             for p in procs:
-                for rec in read_jsonl(os.path.join(p['run_dir'], 'stats.jsonl'))[p['seen']:]:
-                    p['seen'] += 1
-                    fids = [r['fid'] for r in read_jsonl(os.path.join(p['run_dir'], f'metric-{metric}.jsonl'))
-                            if abs(r['kimg'] - rec['kimg']) < 1e-9]
-                    log(f'[{p["name"]}] {rec["kimg"]:.3f}/{total_kimg:.3f} kimg, {rec["sec_per_kimg"]:.0f} s/kimg' +
-                        (f', previous {metric} {fids[-1]:.2f}' if fids else ''))
+                for kind, path in p['files'].items():
+                    for rec in read_jsonl(path)[p['seen'][kind]:]:
+                        p['seen'][kind] += 1
+                        log(f'[{p["name"]}] ' + (f'{rec["kimg"]:.3f}/{total_kimg:.3f} kimg, {rec["sec_per_kimg"]:.0f} s/kimg'
+                                                 if kind == 'stats' else f'{metric} {rec["fid"]:.2f} at {rec["kimg"]:.3f} kimg'))
                 if p['seconds'] is None and p['proc'].poll() is not None:
                     p['seconds'] = time.time() - p['start']
                     if p['proc'].returncode != 0:
@@ -104,9 +105,13 @@ def run_parallel(jobs, total_kimg, metric, log):
                         raise click.ClickException(f'stage "{p["name"]}" failed (exit code {p["proc"].returncode}); '
                                                    f'last lines of {p["logfile"]}:\n' + '\n'.join(tail))
     finally:
-        for p in procs:
+        for p in procs:  # on an error or Ctrl-C: SIGTERM lets a training save its state at the end of the iteration
             if p['proc'].poll() is None:
-                p['proc'].kill()
+                p['proc'].terminate()
+                try:
+                    p['proc'].wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    p['proc'].kill()
             p['out'].close()
     return {p['name']: p['seconds'] for p in procs}
 
@@ -232,15 +237,30 @@ def save_fid_plot(curves, levels, path, title):
 # Stages --------------------------------------------------------------------------------------------------------
 
 class FidStages:
-    """FID of image folders and generators against one reference, all on the same N images."""
+    """FID of image folders and generators against one reference, all on the same N images. With `resume`,
+    results already in the output folder (ref.npz, fid-<name>.json) are kept instead of recomputed."""
 
-    def __init__(self, outdir, ref_data, num_fid, log):
-        self.outdir, self.num_fid, self.log = outdir, num_fid, log
+    def __init__(self, outdir, ref_data, num_fid, resume, log):
+        self.outdir, self.num_fid, self.resume, self.log = outdir, num_fid, resume, log
         self.ref = os.path.join(outdir, 'ref.npz')
-        self.ref_seconds = run('ref', ['fid.py', 'ref', f'--data={ref_data}', f'--dest={self.ref}', '--workers=0'],
-                               log)
+        self.ref_seconds = 0.0
+        if not (resume and os.path.exists(self.ref)):
+            self.ref_seconds = run('ref', ['fid.py', 'ref', f'--data={ref_data}', f'--dest={self.ref}',
+                                           '--workers=0'], log)
+
+    def _kept(self, name):
+        result = os.path.join(self.outdir, f'fid-{name}.json')
+        if self.resume and os.path.exists(result):
+            with open(result) as f:
+                fid = json.load(f)['fid']
+            self.log(f'FID {name}: {fid:.2f} (kept from {result})')
+            return fid
+        return None
 
     def of_images(self, name, images):
+        kept = self._kept(name)
+        if kept is not None:
+            return kept, 0.0
         result = os.path.join(self.outdir, f'fid-{name}.json')
         seconds = run(f'fid {name}', ['fid.py', 'calc', f'--images={images}', f'--ref={self.ref}',
                                       f'--num={self.num_fid}', f'--json={result}', '--workers=0'], self.log)
@@ -249,6 +269,9 @@ class FidStages:
 
     def of_network(self, name, gen_args):
         folder = os.path.join(self.outdir, 'images', name)
+        kept = self._kept(name)
+        if kept is not None and os.path.isdir(folder):
+            return kept, 0.0
         shutil.rmtree(folder, ignore_errors=True)
         t_gen = run(f'generate {name}', ['generate.py', f'--outdir={folder}', f'--seeds=0-{self.num_fid - 1}',
                                          '--batch=100'] + gen_args, self.log)
@@ -257,24 +280,41 @@ class FidStages:
         return fid, t_gen + t_fid
 
 
+def gan_args(cfg, name, freeze, data, teacher, ref, kimg):
+    """train.py options of one fine-tuning run up to `kimg` (resumes the run's newest state if there is one)."""
+    run_dir = os.path.join(cfg['outdir'], 'runs', name)
+    return ['train.py', f'--outdir={run_dir}', '--nosubdir', f'--data={data}', f'--transfer={teacher}',
+            f'--freeze={freeze}', '--backbone=3', f'--batch={cfg["batch"]}', f'--duration={kimg / 1000}',
+            f'--lr={cfg["lr"]}', f'--dlr={cfg["lr"]}', f'--adv-scale={cfg["adv_scale"]}', f'--tick={cfg["tick"]}',
+            '--snap=1', '--dump=1000', f'--seed={cfg["seed"]}', '--workers=0', '--grid-seeds=16',
+            f'--metrics=fid{cfg["num_fid"]}', f'--metric-ref={ref}', '--metrics-at-start=false', '--resume=auto']
+
+
 def gan_finetune(cfg, data, teacher, ref, log):
-    """Stage 4: D2O-F and D2O from the teacher, side by side; returns per-run records and wall seconds."""
+    """Stage 4: D2O-F and D2O from the teacher. --jobs=2: side by side, one thread each. --jobs=1: one process
+    at a time, the two runs alternating every --tick kimg (exact resume makes this equal to uninterrupted runs),
+    so both FID curves grow together in a long background run."""
     metric = f'fid{cfg["num_fid"]}'
-    jobs = []
-    for name, freeze in GAN_RUNS:
-        run_dir = os.path.join(cfg['outdir'], 'runs', name)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        os.makedirs(run_dir)
-        jobs.append((name, ['train.py', f'--outdir={run_dir}', '--nosubdir', f'--data={data}', f'--transfer={teacher}',
-                            f'--freeze={freeze}', '--backbone=3', f'--batch={cfg["batch"]}',
-                            f'--duration={cfg["kimg"] / 1000}', f'--lr={cfg["lr"]}', f'--dlr={cfg["lr"]}',
-                            f'--adv-scale={cfg["adv_scale"]}', f'--tick={cfg["tick"]}', '--snap=1', '--dump=1000',
-                            f'--seed={cfg["seed"]}', '--workers=0', '--grid-seeds=16', f'--metrics={metric}',
-                            f'--metric-ref={ref}', '--metrics-at-start=false'], run_dir))
-    seconds = run_parallel(jobs, cfg['kimg'], metric, log)
+    run_dirs = {name: os.path.join(cfg['outdir'], 'runs', name) for name, _ in GAN_RUNS}
+    for run_dir in run_dirs.values():
+        if not cfg['resume']:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        os.makedirs(run_dir, exist_ok=True)
+    seconds = {name: 0.0 for name in run_dirs}
+    if cfg['jobs'] == 2:
+        seconds = run_parallel([(name, gan_args(cfg, name, freeze, data, teacher, ref, cfg['kimg']), run_dirs[name])
+                                for name, freeze in GAN_RUNS], cfg['kimg'], metric, log)
+    else:
+        ends = [min(cfg['tick'] * k, cfg['kimg']) for k in range(1, int(np.ceil(cfg['kimg'] / cfg['tick'] - 1e-9)) + 1)]
+        for end in ends:
+            for name, freeze in GAN_RUNS:
+                done = [r['kimg'] for r in read_jsonl(os.path.join(run_dirs[name], 'stats.jsonl'))]
+                if done and max(done) >= end - 1e-9:
+                    continue
+                job = (name, gan_args(cfg, name, freeze, data, teacher, ref, end), run_dirs[name])
+                seconds[name] += run_parallel([job], cfg['kimg'], metric, log)[name]
     runs = {}
-    for name, _ in GAN_RUNS:
-        run_dir = os.path.join(cfg['outdir'], 'runs', name)
+    for name, run_dir in run_dirs.items():
         records = read_jsonl(os.path.join(run_dir, f'metric-{metric}.jsonl'))
         with open(os.path.join(run_dir, 'training_options.json')) as f:
             opts = json.load(f)
@@ -361,6 +401,10 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
 @click.option('--tick', help='kimg between in-training FID evaluations', default=0.4, show_default=True)
 @click.option('--teacher', help='Teacher EDM pickle  [default: the committed one for --dataset]')
 @click.option('--seed', default=0, show_default=True)
+@click.option('--jobs', help='GAN runs at a time (1: alternate every --tick kimg, for long background runs)',
+              type=click.IntRange(1, 2), default=2, show_default=True)
+@click.option('--resume', help='Keep finished stages in --outdir and continue the GAN runs from their states',
+              is_flag=True)
 @click.option('--make-teacher', help='Re-train the committed teacher instead of running the demo', is_flag=True)
 def main(make_teacher, teacher, **cfg):
     """Run the whole D2O pipeline at small scale on the CPU and write demo-out/report.md."""
@@ -384,7 +428,7 @@ def main(make_teacher, teacher, **cfg):
 
     log(f'Stage 2/5: FID reference statistics over {cfg["num_fid"]} held-out real images, and the FID of a second '
         f'real set (the floor at this N)')
-    fid = FidStages(outdir, ref_data, cfg['num_fid'], log)
+    fid = FidStages(outdir, ref_data, cfg['num_fid'], cfg['resume'], log)
     fids = {}
     timings['fid_ref'] = fid.ref_seconds
     fids['real'], timings['fid_real'] = fid.of_images('real', real_data)
