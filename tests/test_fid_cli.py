@@ -142,3 +142,59 @@ def test_unreadable_image_is_named(tmp_path):
         archive.writestr('00000/img00000003.png', b'not a png')
     code, out, _ = run('calc', f'--images={path}', f'--ref={path}', '--num=4')
     assert code == 1 and 'broken.zip' in out and 'img00000003.png' in out
+
+
+# --- validation_fid.sh protocols (generate.py / fid.py replaced by a stand-in interpreter) ------------------
+FAKE_PYTHON = r'''#!/usr/bin/env python3
+"""Stands in for `python -m torch.distributed.run ... SCRIPT -- ARGS`: generate.py makes the folder, fid.py
+prints the FID listed for that folder's name in $FAKE_FIDS ("name=value ...")."""
+import os, sys
+script = sys.argv[5]
+args = dict(a[2:].split('=', 1) for a in sys.argv[7:] if a.startswith('--') and '=' in a)
+if script.endswith('generate.py'):
+    os.makedirs(args['outdir'])
+    open(os.path.join(os.environ['FAKE_LOG']), 'a').write(f"{os.path.basename(args['outdir'])} {args['seeds']}\n")
+else:
+    fids = dict(item.split('=') for item in os.environ['FAKE_FIDS'].split())
+    print('Computing ...')
+    print(f"fid {fids[os.path.basename(args['images'])]}")
+'''
+
+
+def run_validation(tmp_path, env, *args):
+    import os
+    import subprocess
+    fake = tmp_path / 'fake-python'
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), OUTROOT=str(tmp_path / 'eval'), FAKE_LOG=str(tmp_path / 'log'),
+               **env)
+    result = subprocess.run(['bash', 'validation_fid.sh', *map(str, args)], env=env, capture_output=True, text=True)
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_validation_best_of_seed_sets_and_best_checkpoint(tmp_path):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    for kimg in ('000100', '000200', '000300', 'best'):
+        (run_dir / f'network-snapshot-{kimg}.pkl').write_bytes(b'')
+    ref = tmp_path / 'ref.npz'
+    ref.write_bytes(b'')
+    fids = 'run-network-snapshot-000100=5.5 run-network-snapshot-000200=2.25 run-network-snapshot-000300=3.0'
+    code, out, err = run_validation(tmp_path, dict(PROTOCOL='best-checkpoint', NUM='10', FAKE_FIDS=fids),
+                                    run_dir, ref)
+    assert code == 0, err
+    assert f'best checkpoint by fid: {run_dir}/network-snapshot-000200.pkl {ref} seeds=0-9 fid 2.25' in out
+    assert 'snapshot-best' not in (tmp_path / 'log').read_text()
+
+    fids = ' '.join(f'run-network-snapshot-000100-seeds{k}={v}' for k, v in enumerate([4.0, 3.5, 3.75]))
+    (tmp_path / 'log').unlink()
+    code, out, err = run_validation(tmp_path, dict(PROTOCOL='best-of-seeds', SEED_SETS='3', NUM='10', FAKE_FIDS=fids),
+                                    run_dir / 'network-snapshot-000100.pkl', ref)
+    assert code == 0, err
+    assert (tmp_path / 'log').read_text().split() == ['run-network-snapshot-000100-seeds0', '0-9',
+                                                      'run-network-snapshot-000100-seeds1', '10-19',
+                                                      'run-network-snapshot-000100-seeds2', '20-29']
+    assert out.count('best of 3 seed sets by fid: ') == 1 and 'seeds=10-19 fid 3.5' in out.split('best of')[1]
+    code, _, err = run_validation(tmp_path, dict(PROTOCOL='best-ever'), run_dir, ref)
+    assert code == 2 and 'PROTOCOL=best-ever: expected single, best-of-seeds or best-checkpoint' in err
