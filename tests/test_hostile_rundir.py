@@ -181,6 +181,15 @@ def test_incomplete_state_is_refused(tmp_path):
     assert 'incomplete training state (missing version, config, ' in refused_load(path)
 
 
+def test_state_with_a_non_dict_config_is_refused(tmp_path):
+    path = Path(save_state(tmp_path / 'training-state-000001.pt'))
+    state = torch.load(path, weights_only=True)
+    torch.save(dict(state, config=['batch', 64]), path)
+    assert 'incomplete training state (missing config (not a dict))' in refused_load(path)
+    torch.save(dict(state, version=torch.tensor(1)), path)
+    assert 'training-state version tensor(1), this code reads version 1' in refused_load(path)
+
+
 def test_state_of_another_version_is_refused(tmp_path):
     path = tmp_path / 'training-state-000001.pt'
     torch.save(dict(version=2, payload={}), path)
@@ -284,3 +293,4 @@ def test_without_worker_init_fn_the_group_signal_kills_the_worker():
     status, out, err = signal_process_group('unfixed', signal.SIGTERM)
     assert (status, out) == (1, ''), err  # the main process crashed on the lost worker: no state saved
     assert 'Traceback' in err and ('ConnectionResetError' in err or 'DataLoader worker' in err)
+

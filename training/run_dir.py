@@ -29,6 +29,13 @@ Signals
   worker_init_fn(worker_id)          DataLoader workers ignore SIGINT/SIGTERM (the main process saves).
   StopSignals()                      `with StopSignals() as stop:` records SIGINT/SIGTERM in stop.signum.
   exit_status_for_signal(signum)     128 + signum, what the process exits with after a signal.
+
+In the loop, roughly: path = find_resume_state(cfg.resume, cfg.outdir, config_with_data_shape, log);
+state = load_training_state(path); changes = check_resume(saved_run_config(state), config_with_data_shape,
+path); run_dir = dirname(path) or make_run_dir(...); `with RunDirLock(run_dir, log), StopSignals() as stop:`
+... DataLoader(..., worker_init_fn=worker_init_fn) ...; after a stop: save, then
+sys.exit(exit_status_for_signal(stop.signum)). `config_with_data_shape` is the resolved config dict plus
+DATASET_KEYS from the dataset (resolution, channels, label_dim).
 """
 import contextlib
 import fcntl
@@ -423,10 +430,13 @@ def load_training_state(path, required_keys=STATE_KEYS, mmap=False):
                       '--transfer=network-snapshot-*.pkl') from None
     except Exception as err:  # torch reports truncation/corruption with RuntimeError, EOFError, KeyError...
         raise _refuse(path, f'corrupt or truncated training state ({type(err).__name__})', USE_EARLIER) from None
-    if isinstance(state, dict) and 'version' in state and state['version'] != STATE_VERSION:
-        raise _refuse(path, f'training-state version {state["version"]!r}, this code reads version {STATE_VERSION}',
+    version = state.get('version', STATE_VERSION) if isinstance(state, dict) else STATE_VERSION
+    if not (type(version) is int and version == STATE_VERSION):
+        raise _refuse(path, f'training-state version {version!r}, this code reads version {STATE_VERSION}',
                       'resume it with the d2o version that wrote it')
     missing = [k for k in required_keys if k not in state] if isinstance(state, dict) else list(required_keys)
+    if not missing and 'config' in required_keys and not isinstance(state['config'], dict):
+        missing = ['config (not a dict)']
     if missing:
         raise _refuse(path, f'incomplete training state (missing {", ".join(missing)})', USE_EARLIER)
     return state
