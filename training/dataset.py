@@ -17,9 +17,10 @@ import PIL.Image
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 MAX_CLASSES = 100_000  # label_dim is the width of the network's class input; a stray 1e9 must not allocate GiBs
 
-# Modes that become 8-bit gray (L) or RGB, and what the conversion drops (a warning once per mode and process).
-_TO_GRAY = {'1': None, 'L': None, 'I;16': None, 'I;16L': None, 'I;16B': None, 'I': None, 'LA': 'alpha dropped',
-            'La': 'alpha dropped'}
+# Modes that become 8-bit gray (L) or RGB, and what the conversion drops (a warning once per mode and process);
+# 16-bit gray is scaled separately.
+_SIXTEEN_BIT_GRAY = ('I;16', 'I;16L', 'I;16B', 'I')
+_TO_GRAY = {'1': None, 'L': None, 'LA': 'alpha dropped', 'La': 'alpha dropped'}
 _TO_RGB = {'RGB': None, 'RGBX': None, 'P': 'palette expanded, transparency dropped', 'PA': 'alpha dropped',
            'RGBA': 'alpha dropped', 'RGBa': 'alpha dropped', 'CMYK': 'converted from CMYK',
            'YCbCr': 'converted from YCbCr', 'LAB': 'converted from LAB', 'HSV': 'converted from HSV'}
@@ -41,7 +42,7 @@ def _to_uint8(img, name):
     """8-bit gray or RGB pixels of an open PIL image. 16-bit gray is scaled (v / 257, nearest level: the
     8-bit value k stored in 16 bits is k * 257), not clipped, which would turn it white."""
     mode = img.mode
-    if mode in ('I;16', 'I;16L', 'I;16B', 'I'):
+    if mode in _SIXTEEN_BIT_GRAY:
         wide = np.asarray(img).astype(np.int64)
         if wide.size and (wide.min() < 0 or wide.max() > 65535):
             raise ValueError(f'{name}: 32-bit integer pixels outside 0..65535; expected 8- or 16-bit images')
@@ -62,9 +63,9 @@ def decode_image(data, name):
     try:
         with PIL.Image.open(io.BytesIO(data)) as img:
             arr = _to_uint8(img, name)
-    except ValueError:
-        raise
-    except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... for broken files
+        if isinstance(err, ValueError) and str(err).startswith(f'{name}: '):  # ours, already naming the file
+            raise
         raise ValueError(f'{name}: cannot decode image ({err.__class__.__name__}: {err})') from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
