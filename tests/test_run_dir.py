@@ -1,9 +1,11 @@
 """Unit tests of training/run_dir.py: naming, lock, JSONL records, best snapshot, resume lookup and
 checks, signal helpers. Attacks on the same functions are in test_hostile_rundir.py."""
 import dataclasses
+import errno
 import json
 import os
 import signal
+import subprocess
 
 import pytest
 import torch
@@ -83,6 +85,25 @@ def test_lock_removes_stale_temporaries_only(tmp_path):
         assert sorted(os.listdir(tmp_path)) == [rd.LOCK_NAME, 'stats.jsonl', 'training-state-000005.pt']
     assert len(notes) == 2 and all(n.startswith('Removed stale temporary file ') for n in notes)
 
+
+
+def test_lock_without_flock_falls_back_to_the_recorded_holder(tmp_path, monkeypatch):
+    def no_flock(fd, op):  # some network file systems
+        raise OSError(errno.ENOLCK, 'No locks available')
+    monkeypatch.setattr(rd.fcntl, 'flock', no_flock)
+    host, lock = os.uname().nodename, tmp_path / rd.LOCK_NAME
+    lock.write_text(json.dumps(dict(pid=os.getppid(), host=host, start_utc='then')))  # a live process
+    with pytest.raises(rd.RunDirLocked, match=f'in use by another run \\(pid {os.getppid()} on {host}, started then'):
+        rd.RunDirLock(str(tmp_path)).acquire()
+    assert json.loads(lock.read_text())['pid'] == os.getppid()  # untouched
+    gone = subprocess.Popen(['true'])
+    gone.wait()
+    lock.write_text(json.dumps(dict(pid=gone.pid, host=host, start_utc='then')))  # a dead process
+    notes = []
+    with rd.RunDirLock(str(tmp_path), log=notes.append):
+        assert json.loads(lock.read_text())['pid'] == os.getpid()
+    assert notes == [f'WARNING: {tmp_path}: took over the stale lock of pid {gone.pid} on {host}, started then, which '
+                     f'is no longer running']
 
 # --- records --------------------------------------------------------------------------------------
 
