@@ -9,7 +9,8 @@ Accepted files, each holding a [N, 320] table (row k = class k):
   .pkl       the official file: a protocol-3 (dill) pickle of {'embed': nn.Embedding(1000, 320)}, read with the
              restricted unpickler (torch_utils/safe_pickle.py): only tensor rebuilders, plain containers and `set`
              resolve; the Embedding comes back as inert data and only its weight is kept.
-  .pt/.pth   torch.load(weights_only=True) of a tensor or of an Embedding state dict {'weight': tensor}.
+  .pt/.pth   a torch.save file (read by the same restricted unpickler) of a tensor or of an Embedding state
+             dict {'weight': tensor}.
   .npy       a float array (np.load without pickle)."""
 import hashlib
 import os
@@ -69,8 +70,8 @@ def load_class_embedding(path):
         if ext == '.pkl':
             table = _read_pickled_embedding(path)
         elif ext in ('.pt', '.pth'):
-            table = torch.load(path, map_location='cpu', weights_only=True)
-            table = table['weight'] if isinstance(table, dict) else table
+            table = safe_pickle.load_path(path, safe_pickle.TENSOR_GLOBALS, f'class embedding {path}')
+            table = table.get('weight') if isinstance(table, dict) else table
         elif ext == '.npy':
             table = torch.from_numpy(np.load(path, allow_pickle=False))
         else:
