@@ -7,7 +7,8 @@ Sources, in order (`load_detector`): an explicit `--detector=PATH|URL`; NVIDIA's
   unpickler (torch_utils/safe_pickle.py) turning every object into an inert node; only tensors are kept, by path;
 - a TorchScript archive (fid-helper's `default_1.pt`): its `data.pkl` is read the same way, storages
   straight from the zip (the TorchScript code is never loaded);
-- a state dict saved with `torch.save` (loaded with `weights_only=True`).
+- a state dict saved with `torch.save` (zip format: its data.pkl read the same way; legacy format: torch's
+  `weights_only=True` loader).
 Names are normalised to `layers.…` (+ `output.…` for NVIDIA's 1008-way head) and loaded strictly."""
 import importlib.util
 import os
