@@ -16,8 +16,10 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
+import warnings
 import zipfile
 import zlib
 
@@ -366,7 +368,10 @@ class _Cli(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():  # e.g. RGBA converted: one plain line above the progress bar
+                warnings.showwarning = lambda message, *_args, **_kwargs: tqdm.write(f'Warning: {message}',
+                                                                                      file=sys.stderr)
+                return super().invoke(ctx)
         except EXPECTED_ERRORS as err:
             if ctx.params.get('debug') or os.environ.get('D2O_DEBUG', '0') not in ('', '0'):
                 raise

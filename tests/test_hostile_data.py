@@ -270,3 +270,14 @@ def test_debug_flag_lets_the_exception_through(tmp_path):
     (tmp_path / 'src' / 'x.png').write_bytes(b'junk')
     res = run('--debug', 'convert', f'--source={tmp_path / "src"}', f'--dest={tmp_path / "o.zip"}')
     assert isinstance(res.exception, ValueError) and 'x.png: cannot decode image' in str(res.exception)
+
+
+def test_cli_warns_once_per_mode_in_one_plain_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset_module, '_warned_modes', set())
+    write_images(tmp_path / 'src', [np.full((8, 8, 4), 50, np.uint8)] * 3)
+    res = run('convert', f'--source={tmp_path / "src"}', f'--dest={tmp_path / "o.zip"}')
+    assert res.exit_code == 0, res.output
+    warned = [line for line in res.output.replace('\r', '\n').splitlines() if line.startswith('Warning: ')]
+    assert len(warned) == 1 and '00.png: image mode RGBA converted to RGB (alpha dropped)' in warned[0]
+    assert 'UserWarning' not in res.output
+    np.testing.assert_array_equal(ImageFolderDataset(tmp_path / 'o.zip')[2][0], np.full((3, 8, 8), 50, np.uint8))
