@@ -103,8 +103,9 @@ def load_official_class_embedding():
     except (OSError, ImportError) as err:
         raise FileNotFoundError(
             f'The official class-embedding table is not available: {err}\n'
-            f'  Conditional runs start the discriminator from it, as the official code does. Either make {OFFICIAL_URL} '
-            f'reachable, or pass a local copy with --d-embedding=PATH (or --d-embedding=random for random rows).') from None
+            f'  Conditional runs start the discriminator from it, as the official code does. Either make '
+            f'{OFFICIAL_URL} reachable, or pass a local copy with --d-embedding=PATH (or --d-embedding=random for '
+            f'random rows).') from None
     digest = sha256_of(path)
     if digest != OFFICIAL_SHA256:
         raise ValueError(f'class embedding {path} (downloaded from {OFFICIAL_URL}): SHA-256 {digest}, expected '

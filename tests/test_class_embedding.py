@@ -1,6 +1,7 @@
 """pg_modules/class_embedding.py: the official table (pinned URL, SHA-256, download cache, offline error), read
 without running code and equal to an independent read; the resolver's three kinds of spec."""
 import collections
+import io
 import pickle
 import shutil
 from pathlib import Path
@@ -26,7 +27,7 @@ class _IndependentReader(pickle.Unpickler):
     GLOBALS = {('collections', 'OrderedDict'): collections.OrderedDict,
                ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
                ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
-               ('torch.storage', '_load_from_bytes'): lambda b: torch.load(__import__('io').BytesIO(b), weights_only=True),
+               ('torch.storage', '_load_from_bytes'): lambda b: torch.load(io.BytesIO(b), weights_only=True),
                ('torch.nn.modules.sparse', 'Embedding'): torch.nn.Embedding,
                ('dill._dill', '_load_type'): lambda name: {'set': set}[name]}
 

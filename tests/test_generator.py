@@ -103,7 +103,8 @@ def test_transfer_checks_the_data(tmp_path):
 
 
 def test_transfer_from_edm_teacher(fixtures_dir):
-    pkl, _ = fixture(fixtures_dir, 'edm_edm_ncsnpp_uncond32')  # NCSN++ with augment_dim 9, like edm-cifar10-32x32-uncond-ve.pkl
+    # NCSN++ with augment_dim 9, like edm-cifar10-32x32-uncond-ve.pkl
+    pkl, _ = fixture(fixtures_dir, 'edm_edm_ncsnpp_uncond32')
     teacher = checkpoint.load_network(pkl)
     kwargs = generator.generator_kwargs_from_teacher(teacher, dropout=0.0)
     assert kwargs['augment_dim'] == 0 and kwargs['dropout'] == 0.0 and kwargs['model_type'] == 'SongUNet'

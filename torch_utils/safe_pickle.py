@@ -221,7 +221,8 @@ def _zip_storage(archive, root, source):
             raise pickle.UnpicklingError(f'{source}: storage {key!r} is missing from the archive') from None
         itemsize = torch.empty(0, dtype=dtype).element_size()
         if len(data) != numel * itemsize:
-            raise pickle.UnpicklingError(f'{source}: storage {key!r} has {len(data)} bytes, expected {numel}×{itemsize}')
+            raise pickle.UnpicklingError(f'{source}: storage {key!r} has {len(data)} bytes, '
+                                         f'expected {numel}×{itemsize}')
         flat = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
         return torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True)
     return storage

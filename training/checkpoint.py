@@ -2,12 +2,13 @@
 constructor records for training states. (Building a generator from a teacher is training/generator.py.)
 
 Safe loading (docs/checkpoint-format.md §2.3–2.4): the project's restricted unpickler
-(torch_utils/safe_pickle.py) resolves only an allow-list of globals (tensor/storage rebuilders, numpy scalars,
-OrderedDict, ...); zip-format files are read the same way and TorchScript archives are refused. EDM's persistence global
-`torch_utils.persistence._reconstruct_persistent_obj` is mapped to `PersistentRecord`, which keeps the
-class name and instance dict and drops the embedded module source unread. Records of our network
-classes are then rebuilt from their constructor record (`_init_kwargs`) and filled by name with the
-pickled tensors; every other record (EDMLoss, AugmentPipe, ...) stays an inert record.
+(torch_utils/safe_pickle.py) resolves only an allow-list of globals (tensor/storage rebuilders, numpy
+scalars, OrderedDict, ...); zip-format files are read the same way and TorchScript archives are refused.
+EDM's persistence global `torch_utils.persistence._reconstruct_persistent_obj` is mapped to
+`PersistentRecord`, which keeps the class name and instance dict and drops the embedded module source
+unread. Records of our network classes are then rebuilt from their constructor record (`_init_kwargs`)
+and filled by name with the pickled tensors; every other record (EDMLoss, AugmentPipe, ...) stays an
+inert record.
 """
 import copy
 import math
@@ -21,7 +22,8 @@ import dnnlib
 from torch_utils import persistence, safe_pickle
 from training import networks
 
-NETWORK_CLASSES = {obj.__name__: obj for obj in vars(networks).values() if isinstance(obj, type) and persistence.is_persistent(obj)}
+NETWORK_CLASSES = {obj.__name__: obj for obj in vars(networks).values()
+                   if isinstance(obj, type) and persistence.is_persistent(obj)}
 UNSAFE_HINT = ('If you trust this file, pass allow_unsafe_pickle=True (CLI: --allow-unsafe-pickle); that unpickles it '
                'with plain pickle and runs any code it carries.')
 

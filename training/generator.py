@@ -87,7 +87,8 @@ def generator_kwargs_from_teacher(teacher, **overrides):
     """D2OPrecond constructor kwargs with the teacher's architecture (from its recorded `_init_kwargs`):
     no augmentation map (augment_dim=0, docs/method.md §4), then `overrides` (e.g. dropout, use_fp16)."""
     if not persistence.is_persistent(teacher) or not hasattr(teacher, 'model'):
-        raise ValueError(f'generator_kwargs_from_teacher: {type(teacher).__name__} is not a preconditioned EDM/D2O network')
+        raise ValueError(f'generator_kwargs_from_teacher: {type(teacher).__name__} is not a preconditioned EDM/D2O '
+                         f'network')
     if teacher._init_args:
         raise ValueError(f'generator_kwargs_from_teacher: {type(teacher).__name__} was built with positional '
                          f'arguments {teacher._init_args}; only keyword constructor records are supported')

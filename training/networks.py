@@ -120,8 +120,8 @@ class GroupNorm(torch.nn.Module):
 
 def float32_region(x):
     """Autocast off for the mapping network and the `affine` layers: the official networks compute the noise/
-    class embedding and its per-block projections in float32 also in mixed precision (edm-networks §2.5, d2o-method
-    §9), so bf16 autocast must not lower them."""
+    class embedding and its per-block projections in float32 also in mixed precision (docs/method.md §9), so
+    bf16 autocast must not lower them."""
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
