@@ -6,8 +6,8 @@ conventions that let a stopped run save that state. Importing this module does n
 API (rank 0 only unless noted):
 
 Naming and lock
-  make_run_dir(cfg, dataset_name, world, batch) -> path   `<outdir>/<id:05d>-<desc>`, EDM's naming. Every
-      rank may call it only before rank 0 creates the folder: compute on rank 0 and broadcast.
+  make_run_dir(cfg, dataset_name, world, batch) -> path   `<outdir>/<id:05d>-<desc>`, EDM's naming. Call it
+      on rank 0 and broadcast the path (a rank listing --outdir after rank 0 created it gets the next id).
   check_desc(desc) -> desc           --desc must be a plain name; ValueError naming --desc otherwise.
   RunDirLock(run_dir, log)           `with RunDirLock(run_dir, log):` one run per directory (run.lock);
       a live holder -> RunDirLocked (a ValueError naming the folder and the holder's pid); a stale lock of
@@ -26,7 +26,8 @@ Resume
   check_resume(saved_cfg, new_cfg, path=None) -> [(option, saved, new)]   refuses changed WHAT_OPTIONS,
       returns the changed HOW_OPTIONS (they take effect; the loop logs them); IGNORED_OPTIONS are neither.
 Signals
-  worker_init_fn(worker_id)          DataLoader workers ignore SIGINT/SIGTERM (the main process saves).
+  worker_init_fn(worker_id)          DataLoader workers ignore SIGINT, and SIGTERM unless their parent
+      sends it (it stops them at exit), so that the main process can save.
   StopSignals()                      `with StopSignals() as stop:` records SIGINT/SIGTERM in stop.signum.
   exit_status_for_signal(signum)     128 + signum, what the process exits with after a signal.
 
