@@ -1,4 +1,5 @@
-"""EasyDict, atomic file writes, and `open_url` with an on-disk download cache (EDM conventions)."""
+"""EasyDict, atomic file writes, `open_url` with an on-disk download cache (EDM conventions), and the
+integer-list parser every command line uses."""
 import contextlib
 import hashlib
 import io
@@ -106,3 +107,20 @@ def open_url(url, cache_dir=None, cache=True, return_filename=False, timeout=30)
     if return_filename:
         raise ValueError('return_filename=True requires cache=True for URLs')
     return io.BytesIO(data)
+
+
+def parse_int_list(text):
+    """'0-3,7,10-11' → [0, 1, 2, 3, 7, 10, 11]: EDM's list/range grammar of non-negative integers, used by
+    every command line (--seeds, --cres, ...). A list passes through unchanged. ValueError names the bad part."""
+    if isinstance(text, (list, tuple)):
+        return list(text)
+    values = []
+    for part in str(text).split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if not m:
+            raise ValueError(f'{part!r} is not a non-negative integer or a range A-B')
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ValueError(f'range {part!r} is empty (end before start)')
+        values.extend(range(lo, hi + 1))
+    return values

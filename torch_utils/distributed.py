@@ -47,6 +47,18 @@ def world_size():
     return dist.get_world_size() if is_distributed() else 1
 
 
+def broadcast_object(obj, src=0):
+    """`obj` (any picklable value) from rank `src` on every rank; itself in a single process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+_this_rank, _this_world_size = rank, world_size  # for functions whose arguments shadow the names
+
+
 def barrier():
     if is_distributed():
         dist.barrier()
@@ -74,3 +86,19 @@ def shutdown():
     if is_distributed():
         dist.destroy_process_group()
     _state['device'] = None
+
+
+def rank_batches(items, batch, rank=None, world_size=None):
+    """This rank's share of `items` as batches, EDM's split used by sampling, FID and generate.py:
+    ceil(n / (batch·world))·world near-equal chunks in order (the first n mod k one longer), rank r takes
+    chunks r, r + world, …; empty chunks are dropped. rank/world_size default to this process's."""
+    if batch < 1:
+        raise ValueError(f'batch must be >= 1, got {batch}')
+    rank = _this_rank() if rank is None else rank
+    world_size = _this_world_size() if world_size is None else world_size
+    items = list(items)
+    num_chunks = max(-(-len(items) // (batch * world_size)), 1) * world_size
+    size, extra = divmod(len(items), num_chunks)
+    bounds = [i * size + min(i, extra) for i in range(num_chunks + 1)]
+    chunks = [items[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return [chunk for chunk in chunks[rank::world_size] if chunk]

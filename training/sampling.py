@@ -1,9 +1,18 @@
 """Samplers: EDM's Heun/Euler ODE/SDE solver and the D2O generator's one-/few-step schedule, per-seed
-latents (image k depends only on seed k), and `generate_images`, the loop shared by generate.py,
-snapshot grids and FID. Pure tensor code: no file I/O, any device."""
+latents (image k depends only on seed k), and `generate_images`, the one sampling loop shared by generate.py,
+snapshot grids and in-training FID (so all three sample alike). Pure tensor code: no file I/O, any device."""
 import math
 
 import torch
+
+from torch_utils.distributed import rank_batches  # noqa: F401  (one per-rank split for sampling, FID, generate.py)
+
+# The paper's noise levels, defined once (docs/method.md §7; EDM's schedule): the one-step generator starts from
+# σmax = 80, EDM's schedule ends at σmin = 0.002 with ρ = 7, and a 2-step generator passes through σ = 0.8.
+SIGMA_MAX = 80.0
+SIGMA_MIN = 0.002
+RHO = 7
+MIDDLE_SIGMA = 0.8
 
 GENERATOR_CLASS = 'D2OPrecond'  # networks sampled with the generator schedule by default
 DEFAULT_STEPS = {'heun': 18, 'euler': 18, 'onestep': 1, 'multistep': 2}
@@ -18,8 +27,8 @@ def default_sampler(net):
     return 'onestep' if is_generator(net) else 'heun'
 
 
-def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.002,
-                sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, second_order=True):
+def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=SIGMA_MIN,
+                sigma_max=SIGMA_MAX, rho=RHO, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, second_order=True):
     """EDM's sampler (edm-networks.md §6), float64 throughout. With second_order=False every step is plain
     Euler (NFE = N); otherwise Heun with a plain Euler last step to σ=0 (NFE = 2N−1)."""
     if num_steps < 2:
@@ -52,13 +61,13 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
     return x_next
 
 
-def cut_sigma(r, sigma_min=0.002, sigma_max=80.0, rho=7):
+def cut_sigma(r, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
     """ρ-schedule point at fraction r ∈ [0,1]: r=1 → σmax, r=0 → σmin (d2o-method.md §7; the paper's
     T(i,N) with r=i/N)."""
     return (sigma_max ** (1 / rho) + (1 - r) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
-def generator_sigmas(num_steps=1, middle_sigma=0.8, sigma_max=80.0, sigma_min=0.002):
+def generator_sigmas(num_steps=1, middle_sigma=MIDDLE_SIGMA, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN):
     """Noise levels σ_0 = σmax > … > σ_K = σmin visited by a K-step generator (d2o-method.md §7): two steps
     go through `middle_sigma`, K ≥ 3 follow cut_sigma(i/K)."""
     if num_steps < 1:
@@ -70,8 +79,8 @@ def generator_sigmas(num_steps=1, middle_sigma=0.8, sigma_max=80.0, sigma_min=0.
     return [float(sigma_max), *map(float, inner), float(sigma_min)]
 
 
-def generator_sample(net, latents, class_labels=None, num_steps=1, middle_sigma=0.8, sigma_max=80.0,
-                     sigma_min=0.002, force_fp32=False):
+def generator_sample(net, latents, class_labels=None, num_steps=1, middle_sigma=MIDDLE_SIGMA, sigma_max=SIGMA_MAX,
+                     sigma_min=SIGMA_MIN, force_fp32=False):
     """Image from the D2O generator G (an x₀ predictor): one step x̂ = G(σmax·z, σmax); with K > 1 steps
     each G output moves v along the straight line to it, v ← v + (d − v)(σ_c − σ_n)/σ_c, and the last
     output is returned (d2o-method.md §7). Differentiable, so the training loss uses it for fakes.
@@ -143,16 +152,6 @@ def to_uint8(images):
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def rank_batches(seeds, batch, rank=0, world_size=1):
-    """This rank's batches of seeds: ceil(n/(batch·world))·world near-equal chunks in order, rank r takes
-    chunks r, r+world, … (EDM's split); empty chunks are dropped."""
-    if batch < 1:
-        raise ValueError(f'batch must be >= 1, got {batch}')
-    num_batches = max(math.ceil(len(seeds) / (batch * world_size)), 1) * world_size
-    chunks = torch.as_tensor(list(seeds), dtype=torch.int64).tensor_split(num_batches)
-    return [chunk.tolist() for chunk in chunks[rank::world_size] if len(chunk)]
-
-
 def generate_images(net, seeds, sampler=None, num_steps=None, class_idx=None, batch=64, rank=0, world_size=1,
                     device=None, **sampler_kwargs):
     """Iterator of (batch_seeds, uint8 NHWC images on `device`) for this rank's share of `seeds`.
@@ -184,3 +183,20 @@ def generate_images(net, seeds, sampler=None, num_steps=None, class_idx=None, ba
                                           force_fp32=True, **sampler_kwargs)
         return batch_seeds, to_uint8(images)
     return map(sample, rank_batches(seeds, batch, rank, world_size))
+
+
+def training_sampler(gan, multi_step_g=1, middle_sigma=MIDDLE_SIGMA):
+    """generate_images options for a network being trained: a GAN generator samples with its own K-step schedule
+    (whatever its preconditioner class), a diffusion teacher with 18-step Heun."""
+    if not gan:
+        return dict(sampler='heun', num_steps=DEFAULT_STEPS['heun'])
+    if multi_step_g == 1:
+        return dict(sampler='onestep', num_steps=1)
+    return dict(sampler='multistep', num_steps=multi_step_g, middle_sigma=middle_sigma)
+
+
+def sample_uint8(net, seeds, device, batch=64, **options):
+    """uint8 NHWC images of `seeds` (all of them, on this process) through generate_images: what snapshot
+    grids and in-training FID use, so they sample exactly as generate.py does (float64 latents, fp32 network)."""
+    images = [x for _, x in generate_images(net, seeds, batch=batch, rank=0, world_size=1, device=device, **options)]
+    return torch.cat(images)
