@@ -1,12 +1,13 @@
-"""EDM's pickle format for network classes (checkpoint-format.md §2).
+"""EDM's pickle format for network classes (docs/checkpoint-format.md §2).
 
 A class decorated with `persistent_class` pickles as a call to the global
 `torch_utils.persistence._reconstruct_persistent_obj(meta)`, where `meta` carries the full source of
 the module that defined the class, the class name, the instance dict and the constructor record
 (`_init_args`, `_init_kwargs`). NVlabs EDM/D2O read such pickles by exec'ing that source, and so does
 `_reconstruct_persistent_obj` below: that is the *unsafe* path, used only by plain `pickle.load` and by
-`training.checkpoint` when the user passes `allow_unsafe_pickle=True`. The default, safe loader in
-`training/checkpoint.py` maps the same global to its own rebuild and never runs the embedded source.
+`training.checkpoint` when the user passes `allow_unsafe_pickle=True`. The default, safe loader
+(`training/checkpoint.py` through `torch_utils/safe_pickle.py`) maps the same global to an inert record and
+never runs the embedded source.
 """
 import copy
 import inspect
