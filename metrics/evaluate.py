@@ -3,7 +3,7 @@ import numpy as np
 
 from metrics.detector import load_detector
 from metrics.feature_stats import compute_feature_stats, rank_chunks
-from metrics.reference import load_ref_stats
+from metrics.reference import load_ref_stats, network_identity
 from metrics.scores import frechet_distance
 
 
@@ -14,12 +14,13 @@ def evaluate_generator(net, ref_stats, num_images, batch, device, sample_fn, det
     `ref_stats`: path/URL of an EDM `.npz` or a dict with `mu` and `sigma`. `net` is put in eval mode for
     the duration and restored afterwards. `detector`: InceptionV3 module, weights PATH|URL, or None for the
     default sources. Returns `dict(fid=float)`, identical on all ranks."""
-    if isinstance(ref_stats, dict):
-        mu_ref, sigma_ref = np.asarray(ref_stats['mu'], np.float64), np.asarray(ref_stats['sigma'], np.float64)
-    else:
-        mu_ref, sigma_ref = load_ref_stats(ref_stats)
     if detector is None or isinstance(detector, str):
         detector = load_detector(detector, device)
+    if isinstance(ref_stats, dict):
+        mu_ref, sigma_ref = np.asarray(ref_stats['mu'], np.float64), np.asarray(ref_stats['sigma'], np.float64)
+    else:  # a reference of ours records the detector's weights: statistics of other weights are refused
+        identity = network_identity(detector) if hasattr(detector, 'weights_id') else None
+        mu_ref, sigma_ref = load_ref_stats(ref_stats, identity)
     was_training = net.training
     net.eval()
     try:

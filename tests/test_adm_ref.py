@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import fid
 from metrics import clip, dinov2, suite
 from metrics.scores import frechet_distance
+from test_metrics import brute_force_precision_recall  # ADM's definition, full float64 matrices
 
 CLIP_TINY = dict(embed_dim=32, depth=1, num_heads=2, num_classes=8)
 DINO_TINY = dict(embed_dim=32, depth=1, num_heads=2)
@@ -85,15 +86,6 @@ def run(*args):
                 and line.split()[0] in ('fid', 'is_mean', 'is_std', 'precision', 'recall', 'clip_fid', 'fd_dinov2'))
 
 
-def brute_force_pr(real, gen, k=3):
-    """ADM's definition in float64 with full distance matrices."""
-    def sq(a, b):
-        return ((a[:, None] - b[None]) ** 2).sum(-1)
-    radius_real, radius_gen = np.sort(sq(real, real), 1)[:, k], np.sort(sq(gen, gen), 1)[:, k]
-    d = sq(gen, real)
-    return (d <= radius_real[None]).any(1).mean(), (d.T <= radius_gen[None]).any(1).mean()
-
-
 def inception_score_by_hand(logits):
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
@@ -119,7 +111,7 @@ def test_adm_reference_batch_fid_from_its_statistics_is_and_pr_like_adms_evaluat
     assert float(results['fid']) == pytest.approx(expected_fid, rel=1e-5)
     logits = gen_feats @ inception.head.double().numpy().T
     assert float(results['is_mean']) == pytest.approx(inception_score_by_hand(logits), rel=1e-5)  # one 5000-chunk
-    precision, recall = brute_force_pr(ref_feats, gen_feats)
+    precision, recall = brute_force_precision_recall(ref_feats, gen_feats)
     assert 0 < precision < 1 and 0 < recall < 1
     assert (float(results['precision']), float(results['recall'])) == pytest.approx((precision, recall), abs=1e-6)
     assert networks['passes'] == [gen, str(adm)]  # one pass over each set

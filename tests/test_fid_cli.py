@@ -59,7 +59,8 @@ def test_ref_then_calc_round_trip_on_the_same_features(tmp_path, monkeypatch):
     real_feats = captured[0]
     assert real_feats.shape == (8, 2048) and real_feats.std(0).max() > 0.1
     with np.load(ref) as stats:
-        assert sorted(stats.files) == ['d2o_meta', 'mu', 'sigma'] and stats['mu'].dtype == stats['sigma'].dtype == np.float64
+        assert sorted(stats.files) == ['d2o_meta', 'mu', 'sigma']
+        assert stats['mu'].dtype == stats['sigma'].dtype == np.float64
         meta = json.loads(str(stats['d2o_meta']))
         assert meta['networks']['inception']['version'].startswith('nvidia-inception-2015-12-05')
         assert np.allclose(stats['mu'], real_feats.mean(0), rtol=0, atol=1e-9)

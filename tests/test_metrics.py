@@ -338,7 +338,8 @@ def test_several_networks_in_one_pass_equal_separate_passes():
     assert len(seen) == 2  # each batch decoded once for both networks
     for name, net in (('a', a), ('b', b)):
         alone = metrics.compute_feature_stats([(list(range(9)), images)], net, 9, capture_features=True)
-        assert np.allclose(both[name].mu, alone.mu, atol=1e-12) and np.allclose(both[name].sigma, alone.sigma, atol=1e-9)
+        assert np.allclose(both[name].mu, alone.mu, atol=1e-12)
+        assert np.allclose(both[name].sigma, alone.sigma, atol=1e-9)
     assert both['a'].features is None and torch.equal(both['b'].features, b(images))
 
 
