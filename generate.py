@@ -8,7 +8,8 @@ import contextlib
 import io
 import os
 import pickle
-import re
+import sys
+import traceback
 import zipfile
 
 import click
@@ -16,15 +17,47 @@ import PIL.Image
 import torch
 import tqdm
 
-from dnnlib.util import atomic_write
+from dnnlib.util import atomic_write, parse_int_list
 from torch_utils import distributed as dist
 from training.checkpoint import load_network
 from training.image_grid import save_image_grid
-from training.sampling import (DEFAULT_STEPS, SAMPLERS, check_class_idx, default_sampler, generate_images, is_generator,
-                               rank_batches)
+from training.sampling import DEFAULT_STEPS, SAMPLERS, check_class_idx, default_sampler, generate_images, is_generator
 
 POSITIVE = click.FloatRange(min=0, min_open=True)
 NON_NEGATIVE = click.FloatRange(min=0)
+MAX_SEED = (1 << 32) - 1  # latents are drawn from torch.Generator(seed mod 2³²): larger seeds would alias
+# Failures a user can cause (bad file, offline URL, full disk, wrong kind of file): one line, exit status 1.
+EXPECTED_ERRORS = (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def describe(err):
+    """One line for an expected failure; OSError names its file."""
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        return f'{err.filename}: {err.strerror}'
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return message or type(err).__name__
+
+
+class OneLineErrors(click.Command):
+    """Every expected failure ends with `Error: <one line naming the file/option>` and exit status 1 — usage
+    errors included (click would exit 2 with a usage block). `--debug` or D2O_DEBUG=1 shows the traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        debug = '--debug' in args or os.environ.get('D2O_DEBUG', '') not in ('', '0')
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            return result if not standalone_mode else sys.exit(result or 0)
+        except click.ClickException as err:
+            failure, message = err, err.format_message()
+        except click.Abort as err:
+            failure, message = err, 'aborted'
+        except EXPECTED_ERRORS as err:
+            failure, message = err, describe(err)
+        if debug:
+            traceback.print_exception(failure)
+        click.echo(f'Error: {message}', err=True)
+        sys.exit(1)
 
 
 def sampler_options(sampler, num_steps):
@@ -36,20 +69,6 @@ def sampler_options(sampler, num_steps):
     return ('sigma_min', 'sigma_max') + (('middle_sigma',) if num_steps == 2 else ())
 
 
-def parse_int_list(s):
-    """'0-3,7,10-11' → [0, 1, 2, 3, 7, 10, 11] (EDM's range syntax; non-negative integers)."""
-    values = []
-    for part in s.split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
-        if not m:
-            raise ValueError(f'{part!r} is not a non-negative integer or a range A-B')
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise ValueError(f'range {part!r} is empty (end before start)')
-        values.extend(range(lo, hi + 1))
-    return values
-
-
 def _seeds_option(ctx, param, value):
     try:
         seeds = parse_int_list(value)
@@ -57,6 +76,8 @@ def _seeds_option(ctx, param, value):
         raise click.BadParameter(str(err)) from None
     if len(set(seeds)) != len(seeds):
         raise click.BadParameter('a seed is listed more than once (its images would overwrite each other)')
+    if seeds and max(seeds) > MAX_SEED:
+        raise click.BadParameter(f'seed {max(seeds)} is out of range (0 to 2^32-1)')
     return seeds
 
 
@@ -80,9 +101,7 @@ def image_writer(outdir):
         yield lambda name, data: None
     elif not outdir.lower().endswith('.zip'):
         def write(name, data):
-            path = os.path.join(outdir, name)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, 'wb') as f:
+            with atomic_write(os.path.join(outdir, name)) as f:  # no half-written PNG survives a crash or full disk
                 f.write(data)
         yield write
     else:
@@ -110,7 +129,107 @@ def gather_images(local):
     return {seed: image for part in parts for seed, image in part.items()} if dist.rank() == 0 else None
 
 
-@click.command()
+def check_outputs(outdir, grid):
+    """Output paths are checked before the network loads, so a typo costs no sampling time."""
+    if outdir is None and grid is None:
+        raise click.UsageError('give --outdir, --grid, or both')
+    if outdir is not None:
+        is_zip = outdir.lower().endswith('.zip')
+        if os.path.isdir(outdir) if is_zip else os.path.exists(outdir) and not os.path.isdir(outdir):
+            kind = 'a folder' if is_zip else 'an existing file'
+            raise click.BadParameter(f'{outdir} is {kind}; expected {"a .zip file path" if is_zip else "a folder"}',
+                                     param_hint='--outdir')
+        _check_parent(outdir, '--outdir')
+    if grid is not None:
+        if os.path.splitext(grid)[1].lower() not in PIL.Image.registered_extensions():
+            raise click.BadParameter(f'{grid}: unknown image file extension; expected e.g. .png', param_hint='--grid')
+        if os.path.isdir(grid):
+            raise click.BadParameter(f'{grid} is a folder; expected an image file path', param_hint='--grid')
+        _check_parent(grid, '--grid')
+
+
+def _check_parent(path, option):
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the first existing ancestor must be a folder (makedirs creates the rest)
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f'{path}: {parent} is a file, not a folder', param_hint=option)
+
+
+def check_device(device):
+    """torch.device of `--device` (None: chosen per rank later); a clear error for unknown/unavailable ones."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f'{device!r} is not a torch device; expected e.g. cpu, cuda, cuda:1',
+                                 param_hint='--device') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise click.BadParameter(f'{device}: CUDA is not available on this machine; use --device=cpu',
+                                 param_hint='--device')
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise click.BadParameter(f'{device}: this machine has {torch.cuda.device_count()} CUDA device(s)',
+                                 param_hint='--device')
+    if dev.type not in ('cpu', 'cuda'):
+        raise click.BadParameter(f'{device}: expected a cpu or cuda device', param_hint='--device')
+    return dev
+
+
+def load_generator(network_pkl, key, allow_unsafe_pickle):
+    """The network to sample (eval mode, frozen); load errors name --network. Rank 0 loads first so a URL is
+    downloaded into the cache once."""
+    if dist.rank() != 0:
+        dist.barrier()
+    dist.print0(f'Loading network from "{network_pkl}"...')
+    try:
+        net = load_network(network_pkl, key=key, allow_unsafe_pickle=allow_unsafe_pickle)
+    except EXPECTED_ERRORS as err:
+        raise click.BadParameter(describe(err), param_hint='--network') from err  # the cause shows with --debug
+    if dist.rank() == 0:
+        dist.barrier()
+    return net.eval().requires_grad_(False)
+
+
+def check_sampler(net, sampler, num_steps, sampler_kwargs):
+    """(sampler, num_steps, the options given) after checking they fit the network and each other."""
+    sampler = sampler or default_sampler(net)
+    if sampler == 'multistep' and not is_generator(net):
+        raise click.BadParameter(f'multistep needs a D2O generator (it passes sigma_next); '
+                                 f'{type(net).__name__} supports heun, euler or onestep', param_hint='--sampler')
+    if is_generator(net) != (sampler in ('onestep', 'multistep')):
+        dist.print0(f'Note: sampling {type(net).__name__} with --sampler={sampler} '
+                    f'(its usual sampler is {default_sampler(net)}).')
+    if sampler == 'onestep' and num_steps not in (None, 1):
+        raise click.BadParameter('onestep takes exactly 1 step; use --sampler=multistep', param_hint='--steps')
+    if sampler in ('heun', 'euler') and num_steps == 1:
+        raise click.BadParameter(f'{sampler} needs at least 2 steps', param_hint='--steps')
+    num_steps = num_steps or DEFAULT_STEPS[sampler]
+    sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    for k in sampler_kwargs:
+        if k not in sampler_options(sampler, num_steps):
+            raise click.BadParameter(f'does not apply to --sampler={sampler} with {num_steps} steps',
+                                     param_hint='--' + k.replace('_', '-'))
+    return sampler, num_steps, sampler_kwargs
+
+
+def write_images(images, outdir, subdirs, keep, progress_total):
+    """Write this rank's (seeds, images) batches; returns {seed: image} when `keep` (for the grid)."""
+    kept = {}
+    try:
+        with image_writer(outdir) as write:
+            for batch_seeds, batch_images in tqdm.tqdm(images, total=progress_total, unit='batch',
+                                                       disable=(dist.rank() != 0)):
+                for seed, image in zip(batch_seeds, batch_images.cpu().numpy()):
+                    write(image_name(seed, subdirs), png_bytes(image))
+                    if keep:
+                        kept[seed] = image
+    except OSError as err:  # e.g. a full disk: the atomic writes leave no partial file behind
+        raise click.ClickException(f'--outdir={outdir}: cannot write the images: {err.strerror or err}') from None
+    return kept
+
+
+@click.command(cls=OneLineErrors)
 @click.option('--network', 'network_pkl', help='Network pickle path or URL', metavar='PKL|URL', required=True)
 @click.option('--outdir', help='Where to save the PNGs: a folder, or a .zip archive', metavar='DIR|ZIP')
 @click.option('--subdirs', help='Put images in subfolders of 1000 seeds', is_flag=True)
@@ -136,66 +255,35 @@ def gather_images(local):
 @click.option('--grid', help='Also save all images as one grid picture', metavar='PNG')
 @click.option('--device', help='Torch device  [default: cuda (per rank) if available, else cpu]', metavar='STR')
 @click.option('--allow-unsafe-pickle', help='Let the pickle run its own code (only for trusted files)', is_flag=True)
+@click.option('--debug', help='Show the traceback of an error (also: env D2O_DEBUG=1)', is_flag=True)
 def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, sampler, num_steps, key, grid, device,
-         allow_unsafe_pickle, **sampler_kwargs):
+         allow_unsafe_pickle, debug, **sampler_kwargs):
     """Generate images with an EDM diffusion model (Heun/Euler) or a D2O generator (one/multi-step)."""
-    if outdir is None and grid is None:
-        raise click.UsageError('give --outdir, --grid, or both')
+    check_outputs(outdir, grid)
+    device = check_device(device)
     dist.init()
-    device = torch.device(device) if device else dist.device()
-
-    # Rank 0 loads first so a URL is downloaded into the cache once.
-    if dist.rank() != 0:
-        dist.barrier()
-    dist.print0(f'Loading network from "{network_pkl}"...')
-    try:
-        net = load_network(network_pkl, key=key, allow_unsafe_pickle=allow_unsafe_pickle)
-    except (OSError, KeyError, ValueError, pickle.UnpicklingError) as err:
-        message = err.args[0] if isinstance(err, KeyError) else str(err)
-        raise click.BadParameter(message, param_hint='--network') from None
-    if dist.rank() == 0:
-        dist.barrier()
-    net = net.eval().requires_grad_(False).to(device)
+    device = device or dist.device()
+    net = load_generator(network_pkl, key, allow_unsafe_pickle).to(device)
 
     try:
         check_class_idx(net.label_dim, class_idx)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--class') from None
-    sampler = sampler or default_sampler(net)
-    if sampler == 'multistep' and not is_generator(net):
-        raise click.BadParameter(f'multistep needs a D2O generator (it passes sigma_next); '
-                                 f'{type(net).__name__} supports heun, euler or onestep', param_hint='--sampler')
-    if is_generator(net) != (sampler in ('onestep', 'multistep')):
-        dist.print0(f'Note: sampling {type(net).__name__} with --sampler={sampler} '
-                    f'(its usual sampler is {default_sampler(net)}).')
-    if sampler == 'onestep' and num_steps not in (None, 1):
-        raise click.BadParameter('onestep takes exactly 1 step; use --sampler=multistep', param_hint='--steps')
-    if sampler in ('heun', 'euler') and num_steps == 1:
-        raise click.BadParameter(f'{sampler} needs at least 2 steps', param_hint='--steps')
-    num_steps = num_steps or DEFAULT_STEPS[sampler]
-    sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
-    for k in sampler_kwargs:
-        if k not in sampler_options(sampler, num_steps):
-            raise click.BadParameter(f'does not apply to --sampler={sampler} with {num_steps} steps',
-                                     param_hint='--' + k.replace('_', '-'))
+    sampler, num_steps, sampler_kwargs = check_sampler(net, sampler, num_steps, sampler_kwargs)
 
     rank, world = dist.rank(), dist.world_size()
     dist.print0(f'Generating {len(seeds)} images with the {sampler} sampler to "{outdir or grid}"...')
     images = generate_images(net, seeds, sampler=sampler, num_steps=num_steps, class_idx=class_idx,
                              batch=max_batch_size, rank=rank, world_size=world, device=device, **sampler_kwargs)
-    kept = {}
-    with image_writer(outdir) as write:
-        for batch_seeds, batch_images in tqdm.tqdm(images, total=len(rank_batches(seeds, max_batch_size, rank, world)),
-                                                   unit='batch', disable=(rank != 0)):
-            for seed, image in zip(batch_seeds, batch_images.cpu().numpy()):
-                write(image_name(seed, subdirs), png_bytes(image))
-                if grid:
-                    kept[seed] = image
-
+    kept = write_images(images, outdir, subdirs, keep=grid is not None,
+                        progress_total=len(dist.rank_batches(seeds, max_batch_size, rank, world)))
     if grid:
         kept = gather_images(kept)
         if rank == 0:
-            save_image_grid([kept[seed] for seed in seeds], grid)
+            try:
+                save_image_grid([kept[seed] for seed in seeds], grid)
+            except OSError as err:
+                raise click.ClickException(f'--grid={grid}: cannot write it: {err.strerror or err}') from None
     dist.barrier()
     dist.print0('Done.')
     dist.shutdown()

@@ -1,4 +1,8 @@
+"""generate.py: images equal the library's, layouts, and one-line errors (exit 1) for every expected failure."""
+import contextlib
+import errno
 import io
+import os
 import zipfile
 
 import numpy as np
@@ -7,28 +11,29 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-pytest.importorskip('training.checkpoint', reason='training/checkpoint.py not available yet')
-import generate  # noqa: E402
-from training.checkpoint import load_network  # noqa: E402
-from training.image_grid import image_grid, save_image_grid  # noqa: E402
-from training.sampling import generate_images  # noqa: E402
+import generate
+from training.checkpoint import load_network
+from training.image_grid import image_grid, save_image_grid
+from training.sampling import generate_images
 
 
-def _run(*args):
-    result = CliRunner().invoke(generate.main, [str(a) for a in args], catch_exceptions=False)
+def _run(*args, env=None):
+    result = CliRunner().invoke(generate.main, [str(a) for a in args], catch_exceptions=False, env=env)
     return result.exit_code, result.output
+
+
+def _error_line(out):
+    """The failure is reported as exactly one `Error:` line and no traceback."""
+    errors = [line for line in out.splitlines() if line.startswith('Error:')]
+    assert len(errors) == 1 and 'Traceback' not in out, out
+    return errors[0]
 
 
 def _png(data):
     return np.asarray(PIL.Image.open(io.BytesIO(data)))
 
 
-def test_parse_int_list():
-    assert generate.parse_int_list('0-3,7, 10-11') == [0, 1, 2, 3, 7, 10, 11]
-    assert generate.parse_int_list('5') == [5]
-    for bad in ('', '1,,2', 'a-3', '-1', '3-1', '1.5'):
-        with pytest.raises(ValueError):
-            generate.parse_int_list(bad)
+def test_image_names():
     assert generate.image_name(1234, subdirs=True) == '001000/001234.png' and generate.image_name(7) == '000007.png'
 
 
@@ -110,5 +115,74 @@ def test_cli_sampler_choice_is_logged_and_validated(fixtures_dir, tmp_path):
     for args, message in errors:
         grid = [] if 'give --outdir' in message else [f'--grid={tmp_path / "e.png"}']
         code, out = _run(*args, *grid)
-        assert code != 0 and message in out, (args, out)
+        assert code == 1 and message in _error_line(out), (args, out)
     assert not (tmp_path / 'e.png').exists()
+
+
+def test_cli_checks_outputs_seeds_and_device_before_loading(tmp_path):
+    # The network does not exist: each error below must come first, proving the check runs before any work.
+    missing = tmp_path / 'missing.pkl'
+    (tmp_path / 'file').write_text('x')
+    (tmp_path / 'dir.zip').mkdir()
+    cases = [
+        ([f'--grid={tmp_path / "g.xyz"}'], "--grid: " + str(tmp_path / 'g.xyz') + ': unknown image file extension'),
+        ([f'--grid={tmp_path / "g.png"}', f'--outdir={tmp_path / "file"}'], 'is an existing file; expected a folder'),
+        ([f'--outdir={tmp_path / "dir.zip"}'], 'dir.zip is a folder; expected a .zip file path'),
+        ([f'--outdir={tmp_path / "file" / "out"}'], f'{tmp_path / "file"} is a file, not a folder'),
+        ([f'--grid={tmp_path / "file" / "g.png"}'], 'Invalid value for --grid'),
+        ([f'--grid={tmp_path / "g.png"}', '--seeds=4294967296'], 'seed 4294967296 is out of range'),
+        ([f'--grid={tmp_path / "g.png"}', '--device=foo'], "'foo' is not a torch device"),
+        ([f'--grid={tmp_path / "g.png"}', '--device=xla'], 'expected a cpu or cuda device'),
+        ([f'--grid={tmp_path / "g.png"}', '--seeds=1-x'], "Invalid value for '--seeds'"),
+        ([f'--grid={tmp_path / "g.png"}'], f'--network: {missing}: no such file'),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(([f'--grid={tmp_path / "g.png"}', '--device=cuda'], 'CUDA is not available'))
+    for args, message in cases:
+        code, out = _run(f'--network={missing}', *args)
+        assert code == 1 and message in _error_line(out), (args, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['dir.zip', 'file']
+
+
+def test_cli_bad_network_files_give_one_line(fixtures_dir, tmp_path):
+    pkl = fixtures_dir / 'edm_ve_ncsnpp_uncond16.pkl'
+    truncated = tmp_path / 'truncated.pkl'
+    truncated.write_bytes(pkl.read_bytes()[:100_000])
+    image = tmp_path / 'picture.pkl'
+    PIL.Image.new('RGB', (4, 4)).save(image, format='png')
+    tensor = tmp_path / 'tensor.pt'
+    torch.save(torch.zeros(3), tensor)
+    dataset = tmp_path / 'dataset.zip'
+    with zipfile.ZipFile(dataset, 'w') as zf:
+        zf.writestr('00000/img00000000.png', b'not really')
+    cases = [(truncated, 'truncated.pkl: the file ends early'),
+             (image, "picture.pkl: not a pickle or a zip-format torch file (it starts with b'\\x89PNG')"),
+             (tensor, 'tensor.pt: expected a snapshot dict, found Tensor'),
+             (dataset, 'dataset.zip: zip file without exactly one <root>/data.pkl'),
+             ('http://127.0.0.1:9/offline.pkl', 'Cannot download http://127.0.0.1:9/offline.pkl')]
+    env = {'DNNLIB_CACHE_DIR': str(tmp_path / 'cache')}
+    for network, message in cases:
+        code, out = _run(f'--network={network}', f'--grid={tmp_path / "g.png"}', env=env)
+        assert code == 1 and message in _error_line(out) and '--network: ' in _error_line(out), (network, out)
+    assert not (tmp_path / 'g.png').exists()
+    # --debug (or D2O_DEBUG=1) shows the traceback, with the cause.
+    for args, env_debug in (([], {'D2O_DEBUG': '1'}), (['--debug'], {})):
+        code, out = _run(f'--network={truncated}', f'--grid={tmp_path / "g.png"}', *args, env=env_debug)
+        assert code == 1 and 'Traceback' in out and 'UnpicklingError' in out, out
+
+
+def test_cli_full_disk_is_one_line_and_leaves_no_partial_file(fixtures_dir, tmp_path, monkeypatch):
+    written = []
+
+    @contextlib.contextmanager
+    def full_disk(path, mode='wb'):
+        class Full(io.BytesIO):
+            def write(self, data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path) + '.tmp')
+        written.append(path)
+        yield Full()
+    monkeypatch.setattr(generate, 'atomic_write', full_disk)
+    code, out = _run(f'--network={fixtures_dir / "d2o_ncsnpp_uncond16.pkl"}', '--seeds=0-1',
+                     f'--outdir={tmp_path / "out"}')
+    assert code == 1 and 'No space left on device' in _error_line(out) and '--outdir=' in _error_line(out), out
+    assert written and not (tmp_path / 'out').exists()
