@@ -143,6 +143,9 @@ def test_truncated_and_wrong_kind_files_name_the_file(tmp_path):
         checkpoint.load_network(real)
     with pytest.raises(KeyError, match=f"{state}: snapshot has no 'ema'; it holds \\['G'\\]"):
         checkpoint.load_network(state)
+    torch.save({'G': {'w': torch.ones(2)}, 'G_record': {}}, state)  # the loop's own training state
+    with pytest.raises(KeyError, match='training state of train.py: sample from a network-snapshot'):
+        checkpoint.load_network(state)
     with pytest.raises(ValueError, match=f'^class embedding {truncated}: the file ends early'):
         class_embedding.load_class_embedding(truncated)
     with pytest.raises(ValueError, match=f'^{truncated}: cannot read FID Inception weights'):

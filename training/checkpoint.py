@@ -199,7 +199,9 @@ def load_network(source, key='ema', allow_unsafe_pickle=False):
     requires_grad False, float32. See `load_snapshot` for `allow_unsafe_pickle`."""
     snapshot = load_snapshot(source, allow_unsafe_pickle=allow_unsafe_pickle)
     if key not in snapshot:
-        raise KeyError(f'{source}: snapshot has no {key!r}; it holds {sorted(snapshot)}')
+        hint = ('; it is a training state of train.py: sample from a network-snapshot-*.pkl of the same run'
+                if 'G_record' in snapshot else '')
+        raise KeyError(f'{source}: snapshot has no {key!r}; it holds {sorted(snapshot)}{hint}')
     net = snapshot[key]
     if not isinstance(net, torch.nn.Module):
         raise ValueError(f'{source}: {key!r} is {net!r}, not one of the networks {sorted(NETWORK_CLASSES)}')
