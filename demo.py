@@ -290,6 +290,11 @@ def gan_args(cfg, name, freeze, data, teacher, ref, kimg):
             f'--metrics=fid{cfg["num_fid"]}', f'--metric-ref={ref}', '--metrics-at-start=false', '--resume=auto']
 
 
+def chunk_ends(kimg, tick):
+    """kimg at which --jobs=1 switches between the runs: every `tick`, and the end."""
+    return [round(min(tick * k, kimg), 9) for k in range(1, int(np.ceil(kimg / tick - 1e-9)) + 1)]
+
+
 def gan_finetune(cfg, data, teacher, ref, log):
     """Stage 4: D2O-F and D2O from the teacher. --jobs=2: side by side, one thread each. --jobs=1: one process
     at a time, the two runs alternating every --tick kimg (exact resume makes this equal to uninterrupted runs),
@@ -305,8 +310,7 @@ def gan_finetune(cfg, data, teacher, ref, log):
         seconds = run_parallel([(name, gan_args(cfg, name, freeze, data, teacher, ref, cfg['kimg']), run_dirs[name])
                                 for name, freeze in GAN_RUNS], cfg['kimg'], metric, log)
     else:
-        ends = [min(cfg['tick'] * k, cfg['kimg']) for k in range(1, int(np.ceil(cfg['kimg'] / cfg['tick'] - 1e-9)) + 1)]
-        for end in ends:
+        for end in chunk_ends(cfg['kimg'], cfg['tick']):
             for name, freeze in GAN_RUNS:
                 done = [r['kimg'] for r in read_jsonl(os.path.join(run_dirs[name], 'stats.jsonl'))]
                 if done and max(done) >= end - 1e-9:

@@ -77,3 +77,19 @@ def test_missing_teacher_is_one_clear_line(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip() == f'Error: --teacher={missing} does not exist; run `make teacher` to train it'
     assert os.listdir(tmp_path) == []  # nothing made before the check
+
+
+def test_chunk_ends_cover_the_run_once():
+    assert demo.chunk_ends(0.8, 0.4) == [0.4, 0.8]
+    assert demo.chunk_ends(1.0, 0.4) == [0.4, 0.8, 1.0]
+    assert demo.chunk_ends(3, 1) == [1, 2, 3]
+    assert demo.chunk_ends(0.3, 1) == [0.3]
+
+
+def test_gan_runs_resume_and_share_the_demo_settings():
+    cfg = dict(outdir='out', num_fid=300, kimg=0.8, batch=8, lr=3e-4, adv_scale=32.0, seed=0, tick=0.4)
+    args = {name: demo.gan_args(cfg, name, freeze, 'd.zip', 't.pkl', 'ref.npz', 0.4) for name, freeze in demo.GAN_RUNS}
+    assert '--freeze=1' in args['d2o-f'] and '--freeze=0' in args['d2o']
+    assert '--resume=auto' in args['d2o'] and '--duration=0.0004' in args['d2o'] and '--metrics=fid300' in args['d2o']
+    differ = set(args['d2o-f']) ^ set(args['d2o'])
+    assert differ == {'--freeze=1', '--freeze=0', '--outdir=out/runs/d2o-f', '--outdir=out/runs/d2o'}
