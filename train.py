@@ -5,122 +5,169 @@
   python train.py --outdir=runs --data=synth.zip --transfer=teacher.pkl --freeze=1 --backbone=3 \\
       --batch=8 --duration=0.002 --tick=1 --snap=1 --dump=1
 
-Explicit options override the preset's values. See README.md for the recipes and resuming."""
+Without --preset the defaults are the CIFAR-10 D2O-F recipe (paper Table 10) except --precision (fp32);
+explicit options override the preset's values. Expected failures print one line and exit with status 1
+(--debug or D2O_DEBUG=1 shows the traceback); after SIGINT/SIGTERM the state is saved and the exit status is
+128 + the signal number (130, 143). See README.md for the recipes and resuming."""
+import os
+import pickle
+import sys
+import zipfile
+
 import click
 
+import dnnlib
 from torch_utils import distributed as dist
-from training.config import PRESETS, make_config
+from training.config import DEFAULT_NOTES, DEFAULTS, PRESETS, make_config, resolve
+
+# Failures a user can cause (bad options, files, data, a diverging run): one line, exit 1, no traceback.
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile)
 
 
-def parse_int_list(value):
-    if value is None or isinstance(value, list):
-        return value
+def shown_default(field):
+    """The default `--help` shows for a TrainConfig field: its value, or how a None resolves."""
+    value = DEFAULTS[field]
+    if value is None:
+        return DEFAULT_NOTES.get(field, False)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def option(*decls, **kwargs):
+    """A click option for the TrainConfig field of the same name. default=None means "not given" (so a preset
+    can fill it); --help shows the dataclass default (or how a None default resolves)."""
+    shown = shown_default(decls[0].lstrip('-').replace('-', '_'))
+    if shown is not False and not kwargs.get('required'):
+        kwargs['help'] += f'  [default: {shown}]'
+    return click.option(*decls, **kwargs)
+
+
+def int_list(ctx, param, value):
     try:
-        return [int(x) for x in value.split(',') if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f'expected comma-separated integers, got {value!r}') from None
+        return None if value is None else dnnlib.parse_int_list(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
 
 
-def parse_str_list(value):
+def str_list(ctx, param, value):
     return None if value is None else [x.strip() for x in value.split(',') if x.strip()]
 
 
-@click.command(context_settings=dict(show_default=True))
+POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
+@click.command()
 # Main
-@click.option('--outdir', help='Where to save the results', metavar='DIR', required=True)
-@click.option('--data', help='Dataset zip or folder (EDM layout)', metavar='ZIP|DIR', required=True)
-@click.option('--preset', help='A paper run: ' + ', '.join(sorted(PRESETS)), type=click.Choice(sorted(PRESETS)))
-@click.option('--cond', help='Class-conditional (dataset labels required)', type=bool)
-@click.option('--loss', help='d2o = GAN fine-tuning; edm/vp/ve = diffusion teacher training',
-              type=click.Choice(['d2o', 'edm', 'vp', 've']))
-@click.option('--arch', help='Generator architecture (default: from --transfer, else ncsnpp)',
-              type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']))
-@click.option('--precond', help='Preconditioning (d2o for generators; edm/vp/ve for teachers)',
-              type=click.Choice(['d2o', 'edm', 'vp', 've']))
-@click.option('--transfer', help='Initialise G from this EDM/D2O pickle (its ema)', metavar='PKL|URL')
-@click.option('--allow-unsafe-pickle', help='Load pickles with embedded code the way EDM does (RUNS THEIR CODE)',
-              is_flag=True, default=None)
-@click.option('--cbase', help='Channel base (model_channels)', type=click.IntRange(min=1))
-@click.option('--cres', help='Channel multipliers per resolution, e.g. 1,2,2,2', callback=lambda c, p, v: parse_int_list(v))
-@click.option('--dropout', help='U-Net dropout', type=click.FloatRange(0, 1))
-@click.option('--augment-dim', help='map_augment width for teacher training (labels are zeros: no augment pipe)',
-              type=click.IntRange(min=0))
-@click.option('--multi-step-g', help='Generator steps (1 = one-step)', type=click.IntRange(min=1))
-@click.option('--middle-sigma', help='Intermediate sigma of a 2-step generator', type=click.FloatRange(min=0))
-@click.option('--freeze', help='Freeze level: 0 none, 1 conv, 2 +qkv, 3 +skip (paper Table 3)', type=click.IntRange(0, 3))
-@click.option('--train-groups', help='Train exactly these groups instead of --freeze (e.g. norm,qkv,skip)',
-              callback=lambda c, p, v: parse_str_list(v))
+@option('--outdir', help='Where to save the results', metavar='DIR', required=True)
+@option('--data', help='Dataset zip or folder (EDM layout)', metavar='ZIP|DIR', required=True)
+@option('--preset', help='A paper run: ' + ', '.join(sorted(PRESETS)), type=click.Choice(sorted(PRESETS)))
+@option('--cond', help='Class-conditional (dataset labels required)', type=bool)
+@option('--loss', help='d2o = GAN fine-tuning; edm/vp/ve = diffusion teacher training',
+        type=click.Choice(['d2o', 'edm', 'vp', 've']))
+@option('--arch', help='Generator architecture', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']))
+@option('--precond', help='Preconditioning (d2o for generators; a diffusion loss with d2o uses edm)',
+        type=click.Choice(['d2o', 'edm', 'vp', 've']))
+@option('--transfer', help='Initialise G from this EDM/D2O pickle (its ema)', metavar='PKL|URL')
+@option('--allow-unsafe-pickle', help='Load pickles with embedded code the way EDM does (RUNS THEIR CODE)',
+        is_flag=True, default=None)
+@option('--cbase', help='Channel base (model_channels)', type=click.IntRange(min=1))
+@option('--cres', help='Channel multipliers per resolution, e.g. 1,2,2,2', metavar='LIST', callback=int_list)
+@option('--dropout', help='U-Net dropout', type=click.FloatRange(0, 1))
+@option('--augment-dim', help='map_augment width for teacher training (labels are zeros: no augment pipe)',
+        type=click.IntRange(min=0))
+@option('--multi-step-g', help='Generator steps (1 = one-step)', type=click.IntRange(min=1))
+@option('--middle-sigma', help='Intermediate sigma of a 2-step generator (> 0)', type=POSITIVE)
+@option('--freeze', help='Freeze level: 0 none, 1 conv (D2O-F), 2 +qkv, 3 +skip (paper Table 3)',
+        type=click.IntRange(0, 3))
+@option('--train-groups', help='Train exactly these groups instead of --freeze (e.g. norm,qkv,skip)',
+        metavar='LIST', callback=str_list)
 # Discriminator
-@click.option('--backbone', help='Feature networks: 0 DeiT+EffNet-lite0, 1 VGG16-BN+EffNet-lite0, 3 EffNet-lite0',
-              type=click.IntRange(min=0))
-@click.option('--d-pretrained', help='Use pretrained feature networks (false: random features, logged)', type=bool)
-@click.option('--d-weights', help='Feature-network weight file or folder (also $D2O_WEIGHTS_DIR)', metavar='PATH')
-@click.option('--d-embedding', help='Class-embedding file for the conditional D (e.g. tf_efficientnet_lite0.pkl)',
-              metavar='PATH')
-@click.option('--diffaug', help='DiffAugment in D (paper: off)', type=bool)
-@click.option('--interp224', help='Resize D inputs to 224', type=bool)
-@click.option('--loss-type', help='Adversarial loss', type=click.Choice(['ns', 'hinge']))
-@click.option('--r1-gamma', help='R1 weight gamma (0 disables R1)', type=click.FloatRange(min=0))
-@click.option('--adv-scale', help='Adversarial loss multiplier [default: batch/8, the paper\'s per-GPU batch]',
-              type=click.FloatRange(min=0, min_open=True))
+@option('--backbone', help='Feature networks: 0 DeiT+EffNet-lite0, 1 VGG16-BN+EffNet-lite0, 3 EffNet-lite0',
+        type=click.IntRange(min=0))
+@option('--d-pretrained', help='Use pretrained feature networks (false: random features, logged)', type=bool)
+@option('--d-weights', help='Feature-network weight file or folder (also $D2O_WEIGHTS_DIR)', metavar='PATH')
+@option('--d-embedding', help='Class embedding of the conditional D: PATH | official (the official '
+        'ImageNet table) | random (explicit opt-in to random rows)', metavar='PATH|official|random')
+@option('--d-bn-group', help="Ghost-BatchNorm group size of D's mini-discriminators (presets: the paper's "
+        'per-GPU batch, so BatchNorm statistics do not depend on the GPU count)', type=click.IntRange(min=1))
+@option('--diffaug', help='DiffAugment in D (paper: off)', type=bool)
+@option('--interp224', help='Resize D inputs to 224', type=bool)
+@option('--loss-type', help='Adversarial loss', type=click.Choice(['ns', 'hinge']))
+@option('--r1-gamma', help='R1 weight gamma (0 disables R1)', type=click.FloatRange(min=0))
+@option('--adv-scale', help="Adversarial loss multiplier (the paper's per-GPU batch)", type=POSITIVE)
 # Optimisation
-@click.option('--lr', help='G learning rate', type=click.FloatRange(min=0, min_open=True))
-@click.option('--dlr', help='D learning rate (before the lazy-R1 correction)', type=click.FloatRange(min=0, min_open=True))
-@click.option('--lr-rampup', help='Linear LR warm-up in kimg', type=click.FloatRange(min=0))
-@click.option('--batch', help='Total batch size', type=click.IntRange(min=1))
-@click.option('--batch-gpu', help='Per-process batch limit (gradient accumulation)', type=click.IntRange(min=1))
-@click.option('--duration', help='Training duration in Mimg', type=click.FloatRange(min=0, min_open=True))
-@click.option('--ema', help='EMA half-life in Mimg', type=click.FloatRange(min=0))
-@click.option('--ema-warmup', help='EMA warm-up ratio (0 disables)', type=click.FloatRange(min=0))
-@click.option('--precision', help='Generator precision', type=click.Choice(['fp32', 'bf16']))
-@click.option('--max-nonfinite', help='Abort after this many non-finite steps in a row', type=click.IntRange(min=1))
+@option('--lr', help='G learning rate', type=POSITIVE)
+@option('--dlr', help='D learning rate (before the lazy-R1 correction)', type=POSITIVE)
+@option('--lr-rampup', help='Linear LR warm-up in kimg', type=click.FloatRange(min=0))
+@option('--batch', help='Total batch size', type=click.IntRange(min=1))
+@option('--batch-gpu', help='Per-process micro-batch (gradient accumulation)', type=click.IntRange(min=1))
+@option('--duration', help='Training duration in Mimg', type=POSITIVE)
+@option('--ema', help='EMA half-life in Mimg', type=click.FloatRange(min=0))
+@option('--ema-warmup', help='EMA warm-up ratio (0 disables)', type=click.FloatRange(min=0))
+@option('--precision', help='Generator precision (paper and presets: bf16)', type=click.Choice(['fp32', 'bf16']))
+@option('--max-nonfinite', help='Abort after this many non-finite steps in a row', type=click.IntRange(min=1))
 # Data and I/O
-@click.option('--xflip', help='Double the dataset with x-flips', type=bool)
-@click.option('--cache', help='Cache the decoded dataset in RAM', type=bool)
-@click.option('--workers', help='DataLoader worker processes', type=click.IntRange(min=0))
-@click.option('--tick', help='kimg per progress tick', type=click.FloatRange(min=0, min_open=True))
-@click.option('--snap', help='Ticks per snapshot (network pickle + grid)', type=click.IntRange(min=1))
-@click.option('--dump', help='Ticks per training-state dump', type=click.IntRange(min=1))
-@click.option('--seed', help='Random seed', type=int)
-@click.option('--resume', help='training-state-*.pt, a run dir, or auto (newest under --outdir)', metavar='PT|DIR|auto')
-@click.option('--metrics', help='Evaluate the EMA generator at every snapshot: fid50k, fid10k, fid<N>', callback=lambda c, p, v: parse_str_list(v))
-@click.option('--metric-ref', help='FID reference statistics (EDM npz) for --metrics', metavar='NPZ|URL')
-@click.option('--metrics-at-start', help='Also evaluate --metrics at tick 0 [default: true]', type=bool)
-@click.option('--grid-seeds', help='Images in the per-snapshot sample grid (seeds 0..N-1)', type=click.IntRange(min=1))
-@click.option('--desc', help='String to include in the run directory name')
-@click.option('--nosubdir', help='Write directly into --outdir', is_flag=True, default=None)
-@click.option('--device', help='Torch device (default: cuda if available, else cpu)')
-@click.option('-n', '--dry-run', help='Print the configuration and exit', is_flag=True)
-def main(dry_run, **opts):
+@option('--xflip', help='Double the dataset with x-flips', type=bool)
+@option('--cache', help='Cache the decoded dataset in RAM', type=bool)
+@option('--workers', help='DataLoader worker processes', type=click.IntRange(min=0))
+@option('--tick', help='kimg per progress tick', type=POSITIVE)
+@option('--snap', help='Ticks per snapshot (network pickle + grid)', type=click.IntRange(min=1))
+@option('--dump', help='Ticks per training-state dump', type=click.IntRange(min=1))
+@option('--seed', help='Random seed (0..2^31-1)', type=int)
+@option('--resume', help='training-state-*.pt, a run dir, or auto (newest under --outdir)', metavar='PT|DIR|auto')
+@option('--metrics', help='Evaluate the EMA generator at every snapshot: fid50k, fid10k, fid<N>', metavar='LIST',
+        callback=str_list)
+@option('--metric-ref', help='FID reference statistics (EDM npz) for --metrics', metavar='NPZ|URL')
+@option('--metrics-at-start', help='Also evaluate --metrics at tick 0', type=bool)
+@option('--grid-seeds', help='Images in the per-snapshot sample grid (seeds 0..N-1)', type=click.IntRange(min=1))
+@option('--desc', help='String to include in the run directory name')
+@option('--nosubdir', help='Write directly into --outdir', is_flag=True, default=None)
+@option('--device', help='Torch device: cpu, cuda or cuda:N')
+@click.option('-n', '--dry-run', help='Print the resolved configuration and exit', is_flag=True)
+@click.option('--debug', help='Show tracebacks of expected failures (also D2O_DEBUG=1)', is_flag=True)
+def main(dry_run, debug, **opts):
     """Fine-tune a diffusion U-Net into a one-step generator with a GAN objective alone (D2O, D2O-F)."""
-    try:
-        cfg = make_config(**opts)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
-    if cfg.metrics:
-        from training.training_loop import metric_num_images
-        for name in cfg.metrics:
-            try:
-                metric_num_images(name)
-            except ValueError as err:
-                raise click.ClickException(str(err)) from None
-        if not cfg.metric_ref:
-            raise click.ClickException('--metrics needs --metric-ref=NPZ (reference statistics, e.g. from fid.py ref)')
-    if cfg.resume and cfg.transfer and cfg.resume != 'auto':
-        raise click.ClickException('--resume and --transfer are exclusive: a training state holds the generator')
     dist.init()
-    dist.print0('Training options:\n' + cfg.to_json())
-    if dry_run:
-        dist.print0('Dry run; exiting.')
-        return
-    from training import training_loop
     try:
+        cfg, plan = resolve(make_config(**opts), dist.world_size())
+        dist.print0('Training options:\n' + cfg.to_json())
+        if dry_run:
+            dist.print0(f'Derived: {plan}\nDry run; exiting.')
+            return
+        from training import training_loop
         training_loop.run(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from None
     finally:
         dist.shutdown()
 
 
+def cli(args=None):
+    """Runs `main`; turns expected failures into one line and exit status 1, a signal into 128 + signum."""
+    args = sys.argv[1:] if args is None else args
+    debug = '--debug' in args or os.environ.get('D2O_DEBUG', '') not in ('', '0')
+    try:
+        main.main(args=args, prog_name='train.py', standalone_mode=False)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except click.ClickException as err:  # usage errors included: one line, status 1
+        if debug:
+            raise
+        print(f'train.py: error: {err.format_message()}', file=sys.stderr)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except EXPECTED_ERRORS as err:
+        if debug:
+            raise
+        print(f'train.py: error: {err}', file=sys.stderr)
+        sys.exit(1)
+    except Exception as err:
+        from training import run_dir, training_loop
+        if isinstance(err, training_loop.Interrupted):
+            print(f'train.py: {err}', file=sys.stderr)
+            sys.exit(run_dir.exit_status_for_signal(err.signum))
+        raise
+
+
 if __name__ == '__main__':
-    main()
+    cli()

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The paper's 10 runs (Table 10) through presets; see training/config.py for every value.
-# Where the paper and the official train.sh disagree we follow the paper (d2o-method.md §11):
+# Where the paper and the official train.sh disagree we follow the paper (docs/method.md §11):
 #   - ImageNet R1 gamma 4e-4 (official script: 1e-4);
 #   - D2O durations 5 Mimg everywhere, D2O-F 10 Mimg on AFHQv2/FFHQ (official script: 10 for all of those);
-#   - 8 GPUs as in the paper (official script: 4). The loss scale (--adv-scale) is fixed by the preset,
-#     so the effective GAN/R1 weighting does not depend on how many GPUs you actually use.
+#   - 8 GPUs as in the paper (official script: 4). The loss scale (--adv-scale) and D's BatchNorm group
+#     (--d-bn-group) are fixed by the preset to the paper's per-GPU batch, so the GAN/R1 weighting and D's
+#     batch statistics do not depend on how many GPUs you actually use.
+# Exit status: 0 when finished, 1 for a bad option/file or a diverged run, 128+signal after SIGINT/SIGTERM
+# (the state is saved: rerun the same command with --resume=auto).
 # Usage: bash train.sh RUN [extra train.py options], e.g. bash train.sh cifar10-uncond-d2o-f --workers=4
 # Datasets (EDM format) are expected under $DATA (default: datasets/), see README "Datasets".
 set -euo pipefail

@@ -65,14 +65,6 @@ def machine():
     return info
 
 
-def int_list(text):
-    """'2,2,2' → [2, 2, 2] (command-line channel multipliers)."""
-    try:
-        return [int(x) for x in text.split(',') if x.strip()]
-    except ValueError:
-        raise ValueError(f'expected comma-separated integers such as 2,2,2, got {text!r}') from None
-
-
 def emit(record):
     print(json.dumps(record), flush=True)
     return record

@@ -9,7 +9,7 @@ import torch
 
 import dnnlib
 from bench import common
-from training import networks, sampling, training_loop
+from training import generator, networks, sampling
 
 
 def measure(arch='ncsnpp', cbase=128, cres=(2, 2, 2), blocks=4, res=32, batch=8, heun_steps=18, multi_steps=(2,),
@@ -22,7 +22,7 @@ def measure(arch='ncsnpp', cbase=128, cres=(2, 2, 2), blocks=4, res=32, batch=8,
     device = common.setup(threads, device)
     load_before = common.loadavg()
     torch.manual_seed(0)
-    kwargs = training_loop.arch_kwargs(dnnlib.EasyDict(arch=arch, cbase=cbase, cres=cres))
+    kwargs = generator.arch_kwargs(dnnlib.EasyDict(arch=arch, cbase=cbase, cres=cres))
     net = networks.D2OPrecond(img_resolution=res, img_channels=3, num_blocks=blocks, dropout=0.0, **kwargs)
     net.eval().requires_grad_(False).to(device)
     seeds = list(range(batch))
@@ -67,7 +67,7 @@ def table(r):
 @click.option('--device', type=str, default='cpu', show_default=True)
 def main(cres, multi_steps, **kwargs):
     """Images/s: Heun vs one-step vs k-step sampling of the same network; one JSON line on stdout."""
-    r = measure(cres=common.int_list(cres), multi_steps=common.int_list(multi_steps), **kwargs)
+    r = measure(cres=dnnlib.parse_int_list(cres), multi_steps=dnnlib.parse_int_list(multi_steps), **kwargs)
     print(table(r))
     common.emit(r)
 

@@ -1,6 +1,7 @@
-"""Training-step benchmark: seconds of D2O's three stages, each exactly as `training_loop.run` does it
-(requires_grad toggles, forward, backward, gradient reduction, the finiteness check — the stage's one host
-sync — and the foreach-Adam step), plus peak memory. Median over `--iters` iterations after `--warmup`.
+"""Training-step benchmark: seconds of D2O's three stages, run by the training loop's own code
+(training/steps.py: requires_grad toggles, forward, backward, gradient reduction, the finiteness check — the
+stage's one host sync — and the foreach-Adam step), plus peak memory. Median over `--iters` iterations after
+`--warmup`.
 
 Every measured iteration runs a plain iteration (G main, D main) and then the R1 part of an R1 iteration
 (frozen real features with their graph, D main on those shared features, the penalty stage), so
@@ -24,7 +25,7 @@ import dnnlib
 from bench import common
 from pg_modules.discriminator import ProjectedDiscriminator
 from pg_modules.feature_networks import FrozenGroupedConv2d
-from training import freeze, loss as losses, networks, sampling, training_loop
+from training import config, freeze, generator, networks, steps
 
 def restore_aten_grouped_convs_(D):
     """Undo pg_modules' FrozenGroupedConv2d: plain (TF-SAME) grouped convs on the same weights, whose double
@@ -42,101 +43,74 @@ def restore_aten_grouped_convs_(D):
     return D
 
 
-def build(arch, cbase, cres, blocks, res, backbones, freeze_level, device, adam_foreach=True,
+def build(arch, cbase, cres, blocks, res, backbones, freeze_level, r1_gamma, device, adam_foreach=True,
           plain_grouped_convs=False, d_channels_last=False):
     """G (NCSN++/DDPM++ with the loop's arch_kwargs), its EMA, D, and both optimizers as the loop sets them up."""
     torch.manual_seed(0)
-    kwargs = training_loop.arch_kwargs(dnnlib.EasyDict(arch=arch, cbase=cbase, cres=cres))
+    kwargs = generator.arch_kwargs(dnnlib.EasyDict(arch=arch, cbase=cbase, cres=cres))
     G = networks.D2OPrecond(img_resolution=res, img_channels=3, label_dim=0, dropout=0.0, augment_dim=0,
                             num_blocks=blocks, **kwargs)
     G.train().requires_grad_(True).to(device)
     ema = copy.deepcopy(G).eval().requires_grad_(False)
     g_params = [p for _, p in freeze.select_trainable(G, level=freeze_level)]
-    opt_g = torch.optim.Adam(g_params, lr=1e-4, betas=training_loop.ADAM_BETAS, eps=1e-8, foreach=adam_foreach)
+    opt_g = steps.make_adam(g_params, steps.g_adam_settings(1e-4), foreach=adam_foreach)
     D = ProjectedDiscriminator(backbones=backbones, c_dim=0, pretrained=False, seed=0, log=lambda *_: None)
     if plain_grouped_convs:
         restore_aten_grouped_convs_(D)
     D.train().to(device)
     if d_channels_last:
         D.feature_networks.to(memory_format=torch.channels_last)
-    d_params = list(D.trainable_parameters())
-    lazy = losses.R1_INTERVAL / (losses.R1_INTERVAL + 1)
-    opt_d = torch.optim.Adam(d_params, lr=1e-4 * lazy, betas=(training_loop.ADAM_BETAS[0],
-                             training_loop.ADAM_BETAS[1] ** lazy), eps=1e-8, foreach=adam_foreach)
-    return G, ema, g_params, opt_g, D, d_params, opt_d
+    opt_d = steps.make_adam(list(D.trainable_parameters()), steps.d_adam_settings(1e-4, r1_gamma), foreach=adam_foreach)
+    return G, ema, opt_g, D, opt_d
 
 
 def measure(arch='ncsnpp', cbase=128, cres=(2, 2, 2), blocks=4, res=32, batch=8, backbones=('tf_efficientnet_lite0',),
             freeze_level=0, precision='fp32', r1_gamma=1e-4, iters=5, warmup=2, threads=2, device='cpu',
             d_grad_in_g=False, adam_foreach=True, plain_grouped_convs=False, d_channels_last=False, compile=False):
-    config = dict(arch=arch, cbase=cbase, cres=list(cres), blocks=blocks, res=res, batch=batch,
-                  backbones=list(backbones), freeze=freeze_level, precision=precision, r1_gamma=r1_gamma,
-                  iters=iters, warmup=warmup, threads=threads, device=str(device), d_grad_in_g=d_grad_in_g,
-                  adam_foreach=adam_foreach, plain_grouped_convs=plain_grouped_convs,
-                  d_channels_last=d_channels_last, compile=compile)
+    config_record = dict(arch=arch, cbase=cbase, cres=list(cres), blocks=blocks, res=res, batch=batch,
+                         backbones=list(backbones), freeze=freeze_level, precision=precision, r1_gamma=r1_gamma,
+                         iters=iters, warmup=warmup, threads=threads, device=str(device), d_grad_in_g=d_grad_in_g,
+                         adam_foreach=adam_foreach, plain_grouped_convs=plain_grouped_convs,
+                         d_channels_last=d_channels_last, compile=compile)
     device = common.setup(threads, device)
     load_before = common.loadavg()
-    G, ema, g_params, opt_g, D, d_params, opt_d = build(arch, cbase, cres, blocks, res, list(backbones), freeze_level,
-                                                        device, adam_foreach, plain_grouped_convs, d_channels_last)
+    G, ema, opt_g, D, opt_d = build(arch, cbase, cres, blocks, res, list(backbones), freeze_level, r1_gamma, device,
+                                    adam_foreach, plain_grouped_convs, d_channels_last)
     G_call = torch.compile(G) if compile else G  # same parameters; only the forward is compiled
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
-    adv_scale = batch / training_loop.PAPER_NUM_GPUS
+    settings = steps.GanSettings(adv_scale=batch / config.PAPER_NUM_GPUS, r1_gamma=r1_gamma)
+    stages = steps.GanStages(G_call, D, opt_g, opt_d, settings, steps.NonFiniteGuard(max_nonfinite=1 << 30),
+                             autocast=autocast)
+    stages.d_grad_in_g = d_grad_in_g
     real = torch.rand([batch, 3, res, res], generator=torch.Generator().manual_seed(1)).to(device) * 2 - 1
-
-    def optimizer_step(opt, params):  # training_loop.run's step(): reduce, one host sync, step
-        training_loop.reduce_gradients(params, 1)
-        if bool(losses.grads_finite(params)):
-            opt.step()
-
-    def g_main():
-        if not d_grad_in_g:
-            D.requires_grad_(False)
-        opt_g.zero_grad(set_to_none=True)
-        with autocast:
-            loss, _ = losses.generator_loss(G_call, D, torch.randn_like(real), None, adv_scale)
-        loss.backward()
-        optimizer_step(opt_g, g_params)
-
-    def d_main(real_features):
-        for p in d_params:
-            p.requires_grad_(True)
-        opt_d.zero_grad(set_to_none=True)
-        with torch.no_grad(), autocast:
-            fake = sampling.generator_sample(G_call, torch.randn_like(real), None)
-        loss, _ = losses.discriminator_loss(D, real, fake, None, adv_scale, real_features=real_features)
-        loss.backward()
-        optimizer_step(opt_d, d_params)
-
-    def r1_penalty(real_features):
-        opt_d.zero_grad(set_to_none=True)
-        loss, _ = losses.r1_penalty(D, real, None, r1_gamma, real_features=real_features)
-        (loss * losses.R1_INTERVAL).backward()
-        optimizer_step(opt_d, d_params)
+    batches = [(real, None)]  # one round, unconditional
 
     def r1_iteration_part():  # real features once, shared by D main and the penalty stage (the loop's R1 iteration)
-        t_features, feats = common.timed(lambda: losses.r1_features(D, real), device)
-        t_shared = common.timed(lambda: d_main(feats), device)[0]
-        return t_features, t_shared, common.timed(lambda: r1_penalty(feats), device)[0]
+        t_features, feats = common.timed(lambda: stages.real_features(batches), device)
+        t_shared = common.timed(lambda: stages.d_main(batches, feats), device)[0]
+        return t_features, t_shared, common.timed(lambda: stages.r1(batches, feats), device)[0]
 
     times = {}  # per stage and derived column: one value per measured iteration
     warmup_s = 0.0  # includes torch.compile's compilation with --compile
     for i in range(warmup + iters):
-        t = {'g': common.timed(g_main, device)[0], 'd': common.timed(lambda: d_main(None), device)[0]}
+        t = {'g': common.timed(lambda: stages.g_main(batches), device)[0],
+             'd': common.timed(lambda: stages.d_main(batches), device)[0]}
         t['r1_features'], t['d_shared'], t['r1_penalty'] = r1_iteration_part()
-        t['ema'] = common.timed(lambda: training_loop.update_ema(ema, G, 10 ** 6, batch, 500, 0.05), device)[0]
+        t['ema'] = common.timed(lambda: steps.update_ema(ema, G, 10 ** 6, batch, 500, 0.05), device)[0]
         t['r1'] = t['r1_features'] + t['r1_penalty']
         t['r1_extra'] = t['r1_features'] + t['d_shared'] + t['r1_penalty'] - t['d']
-        t['iter'] = t['g'] + t['d'] + t['r1_extra'] / losses.R1_INTERVAL
+        t['iter'] = t['g'] + t['d'] + t['r1_extra'] / steps.R1_INTERVAL
         if i >= warmup:
             for key, seconds in t.items():
                 times.setdefault(key, []).append(seconds)
         else:
             warmup_s += t['g'] + t['d'] + t['r1_features'] + t['d_shared'] + t['r1_penalty'] + t['ema']
     medians = {f'{key}_s': common.median(values) for key, values in times.items()}
-    return dict(bench='train_step', config=config, **medians, warmup_s=warmup_s, peak_mb=common.peak_memory_mb(device),
-                g_params=sum(p.numel() for p in G.parameters()), g_trainable=sum(p.numel() for p in g_params),
-                d_trainable=sum(p.numel() for p in d_params), samples=times, load_before=load_before,
-                load_after=common.loadavg(), machine=common.machine())
+    g_trainable = steps.optimizer_params(opt_g)
+    return dict(bench='train_step', config=config_record, **medians, warmup_s=warmup_s,
+                peak_mb=common.peak_memory_mb(device), g_params=sum(p.numel() for p in G.parameters()),
+                g_trainable=sum(p.numel() for p in g_trainable), d_trainable=sum(p.numel() for p in stages.d_params),
+                samples=times, load_before=load_before, load_after=common.loadavg(), machine=common.machine())
 
 
 def table(r):
@@ -169,7 +143,7 @@ def table(r):
 @click.option('--compile', is_flag=True, help='torch.compile the generator forward')
 def main(cres, backbones, **kwargs):
     """Seconds per D2O training stage and peak memory; one JSON line on stdout."""
-    r = measure(cres=common.int_list(cres), backbones=backbones.split(','), **kwargs)
+    r = measure(cres=dnnlib.parse_int_list(cres), backbones=backbones.split(','), **kwargs)
     print(table(r))
     common.emit(r)
 

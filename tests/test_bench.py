@@ -1,6 +1,6 @@
-"""Smoke test of the benchmark suite: `python -m bench --quick` (tiny sizes, one iteration, one thread) writes
-the documented JSON, whose derived columns are consistent with its per-stage samples. No timing asserts: the
-numbers depend on the machine and its load."""
+"""The benchmark suite: `python -m bench --quick` (tiny sizes, one iteration, one thread) writes the documented
+JSON, and the training benchmark runs the training loop's own stages. No timing asserts: the numbers depend on
+the machine and its load."""
 import json
 import math
 import subprocess
@@ -43,18 +43,33 @@ def test_summary_has_the_documented_keys(bench_out):
     assert 'd2o_iter_s <= 6.5' in summary['targets'] and 'config' in stdout and 'speedup' in stdout
 
 
-def test_training_columns_follow_from_the_stage_samples(bench_out):
+def test_quick_training_records(bench_out):
     _, records, _ = bench_out
     for r in records[:4]:
         assert r['bench'] == 'train_step' and r['config']['iters'] == 1 and r['config']['threads'] == 1
-        t = {k: v[0] for k, v in r['samples'].items()}
-        assert all(len(v) == 1 and v[0] > 0 for k, v in r['samples'].items() if k != 'r1_extra')
-        assert math.isclose(r['r1_s'], t['r1_features'] + t['r1_penalty'])
-        assert math.isclose(r['r1_extra_s'], t['r1_features'] + t['d_shared'] + t['r1_penalty'] - t['d'])
-        assert math.isclose(r['iter_s'], t['g'] + t['d'] + r['r1_extra_s'] / 16)
-        assert r['peak_mb'] > 0 and r['d_trainable'] > 0
+        assert all(len(v) == 1 for v in r['samples'].values()) and r['peak_mb'] > 0 and r['d_trainable'] > 0
     full, frozen = records[0], records[1]
     assert full['g_trainable'] == full['g_params'] and 0 < frozen['g_trainable'] < frozen['g_params']
+
+
+def test_the_training_benchmark_runs_the_loops_own_stages(monkeypatch):
+    """bench/train_step.py times training/steps.py itself (no copy of the loop): per measured iteration one G
+    main, a plain and an R1-sharing D main, one R1 stage, and every stage steps its optimizer."""
+    from bench import train_step
+    from training import steps
+    calls = []
+    for name in ('g_main', 'd_main', 'r1', 'real_features'):
+        original = getattr(steps.GanStages, name)
+        monkeypatch.setattr(steps.GanStages, name, lambda self, *a, _f=original, _n=name, **k: (calls.append(_n),
+                                                                                                 _f(self, *a, **k))[1])
+    stepped = []
+    monkeypatch.setattr(steps, 'step_optimizer', lambda opt, stage, guard, world, _f=steps.step_optimizer: (
+        stepped.append(stage), _f(opt, stage, guard, world))[1])
+    r = train_step.measure(cbase=16, cres=(1, 1), blocks=1, res=16, batch=2, freeze_level=1, iters=1, warmup=0,
+                           threads=1)
+    assert calls == ['g_main', 'd_main', 'real_features', 'd_main', 'r1']
+    assert stepped == ['G', 'D', 'D', 'R1']
+    assert 0 < r['g_trainable'] < r['g_params'] and len(r['samples']['iter']) == 1
 
 
 def test_sampling_and_fid_records(bench_out):

@@ -29,3 +29,16 @@ def test_world_size_without_torchrun_variables_is_an_error(monkeypatch):
         raise AssertionError('expected an error')
     finally:
         distributed.shutdown()
+
+
+def test_rank_batches_is_edms_split():
+    import numpy as np
+    for n, batch, world in [(10, 3, 2), (7, 2, 3), (1, 64, 2), (0, 4, 1), (100, 8, 4)]:
+        shares = [distributed.rank_batches(range(n), batch, rank, world) for rank in range(world)]
+        chunks = np.array_split(np.arange(n), max(-(-n // (batch * world)), 1) * world)  # EDM's generate.py split
+        for rank in range(world):
+            assert shares[rank] == [c.tolist() for c in chunks[rank::world] if len(c)]
+        flat = sorted(i for share in shares for chunk in share for i in chunk)
+        assert flat == list(range(n)) and all(len(c) <= batch for s in shares for c in s)
+    assert distributed.rank_batches([5, 9, 11], 2) == [[5, 9], [11]]  # this process: everything
+    assert distributed.broadcast_object({'a': 1}) == {'a': 1}

@@ -58,3 +58,12 @@ def test_open_url_offline_error_names_url_and_remedy(tmp_path, monkeypatch):
 def test_missing_local_file():
     with pytest.raises(FileNotFoundError, match='nope.pkl'):
         dnnlib.open_url('/tmp/definitely/nope.pkl')
+
+
+def test_parse_int_list_grammar():
+    assert dnnlib.parse_int_list('0-3,7, 10-11') == [0, 1, 2, 3, 7, 10, 11]
+    assert dnnlib.parse_int_list('2,2,2') == [2, 2, 2] and dnnlib.parse_int_list('5') == [5]
+    assert dnnlib.parse_int_list([1, 2]) == [1, 2]  # already parsed (a preset's list)
+    for bad, message in [('3-1', 'empty'), ('a', "'a'"), ('-1', "'-1'"), ('1,,2', "''"), ('1.5', "'1.5'")]:
+        with pytest.raises(ValueError, match=message):
+            dnnlib.parse_int_list(bad)

@@ -250,3 +250,19 @@ def test_generate_images_checks_arguments_eagerly():
         generate_images(net, [0], sampler='onestep', num_steps=2)
     with pytest.raises(ValueError, match='unknown sampler'):
         generate_images(net, [0], sampler='ddim')
+
+
+def test_training_sampler_options_and_sample_uint8_is_generate_images():
+    from training.sampling import MIDDLE_SIGMA, SIGMA_MAX, SIGMA_MIN, sample_uint8, training_sampler
+    assert (SIGMA_MAX, SIGMA_MIN, MIDDLE_SIGMA) == (80.0, 0.002, 0.8) and generator_sigmas(1) == [SIGMA_MAX, SIGMA_MIN]
+    assert training_sampler(gan=False) == dict(sampler='heun', num_steps=18)
+    assert training_sampler(gan=True) == dict(sampler='onestep', num_steps=1)
+    assert training_sampler(gan=True, multi_step_g=2, middle_sigma=0.5) == dict(sampler='multistep', num_steps=2,
+                                                                                 middle_sigma=0.5)
+    net = GaussianDenoiser(label_dim=3)
+    seeds = [4, 0, 7, 2, 9]
+    for options in (training_sampler(True), training_sampler(True, 2, 0.5), dict(sampler='heun', num_steps=3)):
+        # What grids and in-training FID get (any batch size) is generate.py's output, image for image.
+        expected = torch.cat([images for _, images in generate_images(net, seeds, batch=64, **options)])
+        assert torch.equal(sample_uint8(net, seeds, 'cpu', batch=2, **options), expected)
+        assert expected.shape == (5, 4, 4, 1) and expected.dtype == torch.uint8

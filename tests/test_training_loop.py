@@ -1,4 +1,5 @@
 """End-to-end tests of the training loop on tiny configs (CPU, seconds each)."""
+import copy
 import glob
 import json
 import os
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import checkpoint, training_loop
+from training import checkpoint, steps, training_loop
 from training.config import make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,18 +115,6 @@ def test_frozen_parameters_stay_and_trainable_ones_move(tmp_path, synth_zip, tin
         assert same == (name not in trainable), f'{name}: trainable={name in trainable} but unchanged={same}'
 
 
-def test_ema_update_matches_formula():
-    net = torch.nn.Linear(3, 2)
-    ema = torch.nn.Linear(3, 2)
-    before = [p.detach().clone() for p in ema.parameters()]
-    beta = training_loop.update_ema(ema, net, cur_nimg=1000, batch=8, halflife_kimg=500, rampup_ratio=0.05)
-    h = min(500 * 1000, 1000 * 0.05)
-    assert beta == pytest.approx(0.5 ** (8 / h))
-    for pe, p0, pn in zip(ema.parameters(), before, net.parameters()):
-        torch.testing.assert_close(pe, pn + beta * (p0 - pn))
-    assert training_loop.update_ema(ema, net, cur_nimg=0, batch=8, halflife_kimg=500, rampup_ratio=0.05) == 0.0
-
-
 def test_injected_nan_is_counted_and_skipped(tmp_path, synth_zip, monkeypatch):
     real = training_loop.losses.discriminator_loss
     calls = {'n': 0}
@@ -208,3 +197,67 @@ def test_in_training_fid_records_and_best_snapshot(tmp_path, synth_zip):
     best = min(records, key=lambda r: r['fid'])['snapshot']
     with open(os.path.join(run_dir, best), 'rb') as a, open(os.path.join(run_dir, 'network-snapshot-best.pkl'), 'rb') as b:
         assert a.read() == b.read()
+
+
+def test_training_state_round_trip_restores_every_part(tmp_path):
+    from training.state import TrainingState
+    from training import networks
+
+    def make():
+        G = networks.D2OPrecond(img_resolution=8, img_channels=3, model_channels=8, channel_mult=[1], num_blocks=1,
+                                attn_resolutions=[])
+        D = torch.nn.Linear(3, 2)
+        opt_g = steps.make_adam(list(G.parameters()), steps.g_adam_settings(1e-3))
+        opt_d = steps.make_adam(list(D.parameters()), steps.d_adam_settings(1e-3, 1.0))
+        return TrainingState(G=G, G_ema=copy.deepcopy(G), opt_G=opt_g, D=D, opt_D=opt_d)
+    torch.manual_seed(0)
+    a = make()
+    for opt, net in ((a.opt_G, a.G), (a.opt_D, a.D)):
+        sum(p.sum() for p in net.parameters()).backward()
+        opt.step()
+    a.cur_nimg, a.cur_tick, a.batch_idx = 48, 3, 12
+    a.nonfinite_streak['D'] = 2
+    a.save(tmp_path / 'state.pt', dict(lr=1e-3))
+    expected_rng = torch.get_rng_state()
+    saved = torch.load(tmp_path / 'state.pt', weights_only=True)
+    torch.manual_seed(1)
+    b = make()
+    b.load(saved)
+    b.load_rng(saved, rank=0)
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+    assert (b.cur_nimg, b.cur_tick, b.batch_idx, b.nonfinite_streak) == (48, 3, 12, {'D': 2})
+    assert saved['config'] == dict(lr=1e-3) and saved['G_record']['class_name'] == 'D2OPrecond'
+    _assert_states_equal(saved, b.to_dict(saved['config'], saved['rng']))
+
+
+def test_resumed_generator_precision_follows_the_option():
+    from training import networks
+    G = networks.D2OPrecond(img_resolution=8, img_channels=3, model_channels=8, channel_mult=[1], num_blocks=1,
+                            attn_resolutions=[], use_fp16=True)
+    record = checkpoint.network_constructor_record(G)
+    logged = []
+    rebuilt = training_loop.rebuild_generator(record, make_config(precision='fp32'), logged.append)
+    assert rebuilt.use_fp16 is False and 'use_fp16 True -> False' in logged[0]
+    assert training_loop.rebuild_generator(record, make_config(precision='bf16'), logged.append).use_fp16 is True
+
+
+def test_in_training_fid_samples_like_generate_py(tmp_path, synth_zip, monkeypatch):
+    """Issue 13.6: the images FID sees are generate.py's (fp32), even when the run trains under bf16."""
+    import metrics
+    from training.sampling import generate_images
+    captured = []
+
+    def fake_evaluate(net, ref, num_images, batch, device, sample_fn):
+        seeds = list(range(num_images))
+        captured.append((sample_fn(seeds).clone(), copy.deepcopy(net)))
+        return dict(fid=1.0)
+    monkeypatch.setattr(metrics, 'evaluate_generator', fake_evaluate)
+    ref = tmp_path / 'ref.npz'
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    run_dir = training_loop.run(tiny_config(tmp_path, synth_zip, precision='bf16', metrics=['fid3'],
+                                            metric_ref=str(ref), duration=4 / 1e6))
+    images, ema = captured[-1]
+    expected = torch.cat([x for _, x in generate_images(ema, [0, 1, 2], sampler='onestep')]).permute(0, 3, 1, 2)
+    assert torch.equal(images, expected)
+    snapshot = checkpoint.load_network(os.path.join(run_dir, 'network-snapshot-000000.004.pkl'))
+    assert torch.equal(torch.cat([x for _, x in generate_images(snapshot, [0, 1, 2])]).permute(0, 3, 1, 2), images)
