@@ -9,6 +9,12 @@ metric values from the features of one pass (`fid.py calc --metrics=fid,is,pr,cl
 | `clip_fid`  | CLIP ViT-B/32 embedding (clip)     | mu, sigma               | mu, sigma                  |
 | `fd_dinov2` | DINOv2 ViT-L/14 CLS (dinov2)       | mu, sigma               | mu, sigma                  |
 
+One pass: every image is decoded once and handed to each network in the same batch. Each network then
+resizes it once, its own way, because each reference protocol fixes the resize: Inception TF1-bilinear to
+299² in float, CLIP PIL-bicubic to 224² re-quantised to uint8 (clean-fid), DINOv2 torch-bicubic with
+antialiasing to 224² in float (EDM2). CLIP and DINOv2 share the size but not the resampling, so sharing one
+224² resize would change one of the two metrics.
+
 Protocols: EDM/NVIDIA by default (IS over 10 equal splits, float32 distances for precision/recall);
 `adm=True` (an ADM reference batch) follows guided-diffusion's evaluator (IS over chunks of 5,000 rows,
 float16 distance blocks), docs/checkpoint-format.md §7."""

@@ -75,7 +75,7 @@ def random_images(n, h, w, seed=0):
 def test_resize_matches_torchvision_resize_and_centre_crop_on_pil(shape):
     images = random_images(2, *shape)
     resize = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
-    expected = torch.stack([torch.from_numpy(np.asarray(resize(PIL.Image.fromarray(im.permute(1, 2, 0).numpy()))))
+    expected = torch.stack([torch.from_numpy(np.array(resize(PIL.Image.fromarray(im.permute(1, 2, 0).numpy()))))
                             .permute(2, 0, 1) for im in images])
     assert torch.equal(clip.resize_like_cleanfid(images), expected)
 
