@@ -104,22 +104,22 @@ def seed_this_rank(seed):
 
 
 def find_resume(cfg, log):
-    """(path, saved state) to continue from, or (None, None). Rank 0 looks the state up (--resume=auto takes
-    only states of this configuration) and every rank reads the same file. Refuses a state of another run
-    configuration or process count; the options that change only how training continues are logged here
-    and take effect (issue 12.6)."""
+    """(path, saved state, notes) to continue from, or (None, None, []). Rank 0 looks the state up
+    (--resume=auto takes only states of this configuration) and every rank reads the same file. Refuses a
+    state of another run configuration or process count; the options that change only how training
+    continues take effect, and `notes` says so for the log (issue 12.6)."""
     options = dataclasses.asdict(cfg)
     path = dist.broadcast_object(rundir.find_resume_state(cfg.resume, cfg.outdir, options, log)
                                  if dist.rank() == 0 else None)
     if path is None:
-        return None, None
+        return None, None, []
     saved = rundir.load_training_state(path)
     if len(saved['rng']) != dist.world_size():
         raise ValueError(f'--resume={path}: saved with {len(saved["rng"])} processes, now {dist.world_size()}; '
                          f'exact resume needs the same process count')
-    for option, before, now in rundir.check_resume(rundir.saved_run_config(saved), options, path):
-        log(f'Resume: {option} changed from {before!r} to {now!r} (takes effect)')
-    return path, saved
+    changes = rundir.check_resume(rundir.saved_run_config(saved), options, path)
+    return path, saved, [f'Resume: {option} changed from {old!r} to {new!r} (takes effect)'
+                         for option, old, new in changes]
 
 
 def check_resume_data(path, saved, dataset):
@@ -353,7 +353,7 @@ def run(cfg):
     cfg, plan = config.resolve(cfg, world)  # every option conflict surfaces here, before any file is read
     gan = cfg.loss == 'd2o'
     log = dist.print0
-    resume_path, saved = find_resume(cfg, log)
+    resume_path, saved, resume_notes = find_resume(cfg, log)
     torch.manual_seed(cfg.seed)  # networks (and D's random projections) from the run seed: identical on every rank
     dataset = ImageFolderDataset(cfg.data, use_labels=cfg.cond, xflip=cfg.xflip, cache=cfg.cache)
     if saved:
@@ -361,7 +361,7 @@ def run(cfg):
     run_dir = dist.broadcast_object(os.path.dirname(os.path.abspath(resume_path)) if resume_path else
                                     rundir.make_run_dir(cfg, dataset.name, world, cfg.batch) if rank == 0 else None)
     with open_run_dir(run_dir, log), rundir.StopSignals() as stop:
-        log(f'Run directory: {run_dir}')
+        log('\n'.join([f'Run directory: {run_dir}'] + resume_notes))
         log(f'Dataset: {cfg.data}: {len(dataset)} images, {dataset.num_channels}x{dataset.resolution}^2, '
             f'label_dim {dataset.label_dim}')
         log(f'Processes: {world}, batch {cfg.batch} = {cfg.batch_gpu} per process x {plan.rounds} rounds x {world}')

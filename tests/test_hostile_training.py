@@ -1,0 +1,166 @@
+"""train.py as a hostile or careless user meets it (issue 12.6, 12.8, 12.12): every expected failure is one
+line naming the option or file, exit status 1, no traceback (unless --debug); a resume applies and records
+the options that change how training continues; the non-finite abort names only a state that exists."""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from training import loss as losses
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--arch=ncsnpp', '--cbase=8', '--cres=1,2', '--backbone=3', '--d-pretrained=false', '--batch=4',
+        '--workers=0', '--seed=1', '--grid-seeds=4', '--lr=1e-3', '--dlr=1e-3', '--r1-gamma=1', '--nosubdir',
+        '--tick=0.004', '--snap=1', '--dump=1']
+
+
+def cli(args, capsys):
+    """train.py in this process: (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(args)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('train.py: error: ') and 'Traceback' not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize('extra, needles', [
+    (['--seed=-5'], ['--seed=-5', '0..2147483647']),
+    (['--middle-sigma=0'], ['--middle-sigma']),
+    (['--device=gpu7'], ['--device=gpu7']),
+    (['--metrics=fid10k', '--metric-ref=MISSING.npz'], ['--metric-ref=', 'MISSING.npz', 'no such file']),
+    (['--metrics=fid10k'], ['--metrics needs --metric-ref']),
+    (['--transfer=MISSING.pkl'], ['--transfer=MISSING.pkl']),
+    (['--batch=6', '--batch-gpu=4'], ['--batch-gpu=4']),
+    (['--no-such-option'], ['--no-such-option']),
+])
+def test_bad_options_fail_in_one_line_before_any_work(tmp_path, synth_zip, capsys, extra, needles):
+    outdir = tmp_path / 'runs'
+    code, _, err = cli([f'--outdir={outdir}', f'--data={synth_zip}'] + TINY + extra, capsys)
+    assert_one_line_error(code, err, *needles)
+    assert not outdir.exists()  # nothing was created: the checks ran before any work
+
+
+def test_outdir_that_is_a_file_and_missing_data(tmp_path, synth_zip, capsys):
+    (tmp_path / 'file').write_text('keep me')
+    code, _, err = cli([f'--outdir={tmp_path / "file"}', f'--data={synth_zip}'] + TINY, capsys)
+    assert_one_line_error(code, err, '--outdir=', 'is a file')
+    assert (tmp_path / 'file').read_text() == 'keep me'
+    code, _, err = cli([f'--outdir={tmp_path / "runs"}', f'--data={tmp_path / "none.zip"}'] + TINY, capsys)
+    assert_one_line_error(code, err, '--data=', 'none.zip')
+
+
+def test_real_process_exit_status_and_debug_traceback(tmp_path, synth_zip):
+    args = [sys.executable, 'train.py', f'--outdir={tmp_path}', f'--data={synth_zip}', '--seed=-1']
+    plain = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert plain.returncode == 1 and plain.stderr.strip().count('\n') == 0 and '--seed=-1' in plain.stderr
+    debug = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, D2O_DEBUG='1'))
+    assert debug.returncode == 1 and 'Traceback' in debug.stderr and '--seed=-1' in debug.stderr
+
+
+def poison_generator_loss(monkeypatch, from_call):
+    real, calls = losses.generator_loss, {'n': 0}
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls['n'] += 1
+        return (loss * float('nan') if calls['n'] >= from_call else loss), stats
+    monkeypatch.setattr(losses, 'generator_loss', poisoned)
+
+
+def test_nonfinite_abort_without_a_saved_state_points_nowhere(tmp_path, synth_zip, capsys, monkeypatch):
+    poison_generator_loss(monkeypatch, from_call=1)
+    run = tmp_path / 'run'
+    code, _, err = cli([f'--outdir={run}', f'--data={synth_zip}', '--duration=0.00004', '--max-nonfinite=2'] + TINY,
+                       capsys)
+    assert_one_line_error(code, err, '2 non-finite G steps in a row', 'no training state was saved')
+    assert not glob.glob(str(run / 'training-state-*.pt'))
+    assert 'no training state was saved' in (run / 'log.txt').read_text()  # the log says why the run ended
+
+
+def test_nonfinite_abort_names_the_newest_existing_state(tmp_path, synth_zip, capsys, monkeypatch):
+    # Every iteration ends a tick; ticks 1, 2, ... dump a state. Iteration 3 is skipped (its tick still dumps
+    # the unchanged weights at 12 images), iteration 4 aborts.
+    poison_generator_loss(monkeypatch, from_call=3)
+    run = tmp_path / 'run'
+    code, _, err = cli([f'--outdir={run}', f'--data={synth_zip}', '--duration=0.00004', '--max-nonfinite=2'] + TINY,
+                       capsys)
+    assert_one_line_error(code, err, '--resume=')
+    named = err.split('--resume=')[1].rstrip(')\n')
+    assert os.path.isfile(named) and named.endswith('training-state-000000.012.pt'), named
+
+
+@pytest.fixture(scope='module')
+def two_iterations(tmp_path_factory, synth_zip):
+    """A finished run of 2 iterations (states at 4 and 8 images)."""
+    run = tmp_path_factory.mktemp('base') / 'run'
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli([f'--outdir={run}', f'--data={synth_zip}', '--duration=0.000008'] + TINY)
+        raise SystemExit(0)
+    assert exit_info.value.code == 0
+    return run
+
+
+def copy_run(src, tmp_path):
+    dst = tmp_path / 'run'
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_resume_applies_logs_and_records_a_new_learning_rate(tmp_path, synth_zip, capsys, two_iterations):
+    run = copy_run(two_iterations, tmp_path)
+    args = [f'--outdir={run}', f'--data={synth_zip}', '--duration=0.000012', '--resume=auto'] + TINY
+    args = [a for a in args if not a.startswith(('--lr=', '--r1-gamma='))] + ['--lr=5e-4', '--r1-gamma=0']
+    code, out, err = cli(args, capsys)
+    assert code == 0, err
+    log = (run / 'log.txt').read_text()
+    assert 'Resume: --lr changed from 0.001 to 0.0005' in log and 'Resume: --r1-gamma changed from 1.0 to 0.0' in log
+    options = json.loads((run / 'training_options.json').read_text())
+    assert options['lr'] == 5e-4 and options['r1_gamma'] == 0.0 and options['resumed_from'].endswith('008.pt')
+    state = torch.load(run / 'training-state-000000.012.pt', weights_only=True)
+    assert state['cur_nimg'] == 12 and state['opt_G']['param_groups'][0]['lr'] == 5e-4
+    # Without R1 the lazy-R1 correction is gone: D's Adam uses the plain dlr and beta2.
+    assert state['opt_D']['param_groups'][0]['lr'] == 1e-3
+    assert list(state['opt_D']['param_groups'][0]['betas']) == [0.0, 0.99]
+
+
+def test_resume_refuses_to_change_what_is_trained(tmp_path, synth_zip, capsys, two_iterations):
+    run = copy_run(two_iterations, tmp_path)
+    before = sorted(os.listdir(run))
+    code, _, err = cli([f'--outdir={run}', f'--data={synth_zip}', '--duration=0.000012', f'--resume={run}',
+                        '--freeze=2'] + TINY, capsys)
+    assert_one_line_error(code, err, '--freeze')
+    assert sorted(os.listdir(run)) == before  # nothing written
+
+
+def test_sigterm_to_the_process_group_saves_the_state_and_exits_143(tmp_path, synth_zip):
+    """What `docker stop`/Slurm do: SIGTERM to every process of the group, DataLoader worker included."""
+    import signal
+    import time
+    run = tmp_path / 'run'
+    args = [sys.executable, 'train.py', f'--outdir={run}', f'--data={synth_zip}', '--duration=1'] + \
+        [a for a in TINY if a != '--workers=0'] + ['--workers=1']
+    child = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    deadline = time.time() + 300
+    while not (run / 'stats.jsonl').exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(child.pid, signal.SIGTERM)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 128 + signal.SIGTERM, out[-2000:] + err[-2000:]
+    states = glob.glob(str(run / 'training-state-*.pt'))
+    assert len(states) == 1 and 'continue with --resume=' in err
+    assert torch.load(states[0], weights_only=True)['cur_nimg'] > 0
