@@ -8,6 +8,9 @@ option. Accepted files: safetensors; `torch.save` state dicts and TorchScript ar
 every other global an inert node; a TorchScript archive's code is never loaded). Key layouts are converted by timm's own
 `checkpoint_filter_fn` (OpenAI CLIP `visual.*`, DINOv2 `blocks.*` + `mask_token`, timm)."""
 import hashlib
+import logging
+import socket
+import urllib.parse
 
 import torch
 
@@ -47,12 +50,30 @@ def resolve_state_dict(weights, what, option, default_url=None, timm_name=None):
             errors.append(f'{default_url}: {str(err).splitlines()[0]}')
     if timm_name is not None:
         try:
-            import timm
-            return timm.create_model(timm_name, pretrained=True).state_dict()
+            return timm_pretrained_state(timm_name)
         except Exception as err:  # offline: huggingface_hub raises its own error classes
             errors.append(f'timm {timm_name}: {err.__class__.__name__}: {str(err).splitlines()[0][:200]}')
     raise RuntimeError(f'No {what} weights available ({"; ".join(errors) or "no default source"}); pass '
                        f'{option}=PATH|URL')
+
+
+def timm_pretrained_state(timm_name):
+    """State dict of timm's pretrained `timm_name` (Hugging Face download and cache). An unresolvable hub
+    host fails at once instead of after huggingface_hub's minute of logged retries."""
+    import huggingface_hub
+    import timm
+    host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        raise OSError(f'offline? cannot resolve {host} ({err})') from None
+    hub_logger = logging.getLogger('huggingface_hub')
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # it logs each failed request before raising
+    try:
+        return timm.create_model(timm_name, pretrained=True).state_dict()
+    finally:
+        hub_logger.setLevel(level)
 
 
 def load_converted(model, state, path_label, what):

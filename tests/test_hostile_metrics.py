@@ -163,3 +163,19 @@ def test_reference_of_other_weights_or_protocol_is_refused(tmp_path):
     with pytest.raises(ValueError, match="computed with version 'clip-v1', but this run uses 'clip-v2'"):
         ref.stats('clip', dict(version='clip-v2', weights='aaaa'))
     assert ref.stats('dinov2', dict(version='x', weights='y')) is None  # absent: the caller reports it
+
+
+def test_offline_without_clip_or_dinov2_weights_is_one_line_naming_the_option(tmp_path, monkeypatch):
+    import socket
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, 'Name or service not known')
+    monkeypatch.setattr(socket, 'getaddrinfo', no_dns)
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    images = make_zip(tmp_path / 'images.zip', 3)
+    code, out, _ = run('calc', f'--images={images}', f'--ref={images}', '--num=3', '--metrics=clip_fid')
+    assert_one_line_error(code, out, 'No CLIP ViT-B/32 weights available', 'cannot resolve huggingface.co',
+                          '--clip-weights=PATH|URL')
+    code, out, _ = run('calc', f'--images={images}', f'--ref={images}', '--num=3', '--metrics=fd_dinov2')
+    assert_one_line_error(code, out, 'No DINOv2 ViT-L/14 weights available', 'dinov2_vitl14_pretrain.pth',
+                          '--dinov2-weights=PATH|URL')
