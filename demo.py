@@ -306,7 +306,9 @@ def gan_finetune(cfg, data, teacher, ref, log):
             shutil.rmtree(run_dir, ignore_errors=True)
         os.makedirs(run_dir, exist_ok=True)
     seconds = {name: 0.0 for name in run_dirs}
-    if cfg['jobs'] == 2:
+    if cfg['report_only']:
+        log('--report-only: no training; the report shows the runs as they are')
+    elif cfg['jobs'] == 2:
         seconds = run_parallel([(name, gan_args(cfg, name, freeze, data, teacher, ref, cfg['kimg']), run_dirs[name])
                                 for name, freeze in GAN_RUNS], cfg['kimg'], metric, log)
     else:
@@ -322,7 +324,8 @@ def gan_finetune(cfg, data, teacher, ref, log):
         records = read_jsonl(os.path.join(run_dir, f'metric-{metric}.jsonl'))
         with open(os.path.join(run_dir, 'training_options.json')) as f:
             opts = json.load(f)
-        runs[name] = dict(run_dir=run_dir, records=records, fid=records[-1]['fid'], seconds=seconds[name],
+        runs[name] = dict(run_dir=run_dir, records=records, fid=records[-1]['fid'], kimg=records[-1]['kimg'],
+                          seconds=seconds[name],
                           snapshot=os.path.join(run_dir, records[-1]['snapshot']),
                           trainable_share=opts.get('trainable_share'))
     return runs
@@ -352,7 +355,8 @@ def figures(cfg, runs, fids, ref_data, log):
 
 def write_report(cfg, ds, runs, fids, curves, timings, wall):
     """results.json and report.md."""
-    outdir, num_fid, kimg = cfg['outdir'], cfg['num_fid'], cfg['kimg']
+    outdir, num_fid = cfg['outdir'], cfg['num_fid']
+    kimg = min(r['kimg'] for r in runs.values())  # = --kimg once finished (less in a --report-only snapshot)
     teacher_kimg = teacher_training_kimg(ds)
     ratio_1, ratio_35 = runs['d2o-f']['fid'] / fids['teacher_1nfe'], runs['d2o-f']['fid'] / fids['teacher_35nfe']
     targets = {'d2o_f_fid <= teacher_1nfe_fid / 3': ratio_1 <= 1 / 3,
@@ -371,8 +375,9 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
              '100%'),
             ('teacher (1 step)', 1, fids['teacher_1nfe'], f'{teacher_kimg * 1000:,.0f} (diffusion)', '-', '100%')]
     for name, label in (('d2o-f', 'D2O-F (freeze 1)'), ('d2o', 'D2O (no freezing)')):
-        rows.append((label, 1, runs[name]['fid'], f'+{kimg * 1000:,.0f} (GAN)', f'{runs[name]["seconds"]:.0f} s',
-                     f'{100 * runs[name]["trainable_share"]:.1f}%'))
+        r = runs[name]
+        rows.append((label, 1, r['fid'], f'+{r["kimg"] * 1000:,.0f} (GAN)', f'{r["seconds"]:.0f} s',
+                     f'{100 * r["trainable_share"]:.1f}%'))
     lines = [
         '# d2o demo: a diffusion teacher becomes a one-step generator by GAN-only fine-tuning', '',
         f'Dataset: {ds.title}. FID on {num_fid} generated images against {num_fid} held-out real images (NVIDIA '
@@ -409,6 +414,8 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
               type=click.IntRange(1, 2), default=2, show_default=True)
 @click.option('--resume', help='Keep finished stages in --outdir and continue the GAN runs from their states',
               is_flag=True)
+@click.option('--report-only', help='With --resume: redraw the report from the runs so far (a long run in progress)',
+              is_flag=True)
 @click.option('--make-teacher', help='Re-train the committed teacher instead of running the demo', is_flag=True)
 def main(make_teacher, teacher, **cfg):
     """Run the whole D2O pipeline at small scale on the CPU and write demo-out/report.md."""
@@ -420,6 +427,8 @@ def main(make_teacher, teacher, **cfg):
     timings = {}
     log = lambda msg: print(f'[demo {time.time() - t_start:6.0f}s] {msg}', flush=True)  # noqa: E731
 
+    if cfg['report_only'] and not cfg['resume']:
+        raise click.ClickException('--report-only needs --resume (it reads the runs already in --outdir)')
     if not make_teacher and not os.path.isfile(teacher):
         raise click.ClickException(f'--teacher={teacher} does not exist; run `make teacher` to train it')
     log(f'Stage 1/5: dataset ({ds.name})')

@@ -54,10 +54,10 @@ def test_figures_are_pngs_of_the_requested_size(tmp_path):
 
 
 def test_report_ratios_and_targets(tmp_path):
-    cfg = dict(outdir=str(tmp_path), dataset='mnist', num_fid=300, kimg=0.8, batch=8, lr=3e-4, adv_scale=32.0,
+    cfg = dict(outdir=str(tmp_path), dataset='mnist', num_fid=300, kimg=1.6, batch=8, lr=3e-4, adv_scale=32.0,
                seed=0, tick=0.4)
-    runs = {'d2o-f': dict(fid=30.0, seconds=100.0, trainable_share=0.174),
-            'd2o': dict(fid=40.0, seconds=110.0, trainable_share=1.0)}
+    runs = {'d2o-f': dict(fid=30.0, kimg=0.8, seconds=100.0, trainable_share=0.174),
+            'd2o': dict(fid=40.0, kimg=0.8, seconds=110.0, trainable_share=1.0)}
     fids = dict(real=10.0, teacher_35nfe=25.0, teacher_1nfe=120.0)
     lines = demo.write_report(cfg, demo.DATASETS['mnist'], runs, fids, {'D2O-F (1 NFE)': [[0, 120.0], [800, 30.0]]},
                               {'dataset': 1.0}, 200.0)
