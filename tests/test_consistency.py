@@ -250,6 +250,18 @@ def test_lpips_matches_torchvision_vgg16(lpips_files, monkeypatch):
     assert float(loss.detach()) < 1e-6
 
 
+def test_lpips_files_found_in_the_torch_hub_cache(lpips_files, tmp_path, monkeypatch):
+    _, _, vgg_file, lin_file = lpips_files
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    assert cd.lpips_weight_files(None, lin_file) == (None, lin_file)  # empty cache: nothing found
+    (tmp_path / 'checkpoints').mkdir()
+    (tmp_path / 'checkpoints' / cd.VGG16_CACHE_NAME).write_bytes(open(vgg_file, 'rb').read())
+    assert cd.lpips_weight_files(None, lin_file) == (str(tmp_path / 'checkpoints' / cd.VGG16_CACHE_NAME), lin_file)
+    assert cd.lpips_weight_files(vgg_file, lin_file) == (vgg_file, lin_file)  # given paths win
+    with pytest.raises(FileNotFoundError, match='none was given or found'):
+        cd.LPIPS(None, lin_file)
+
+
 def test_lpips_file_errors(lpips_files, tmp_path):
     _, lin, vgg_file, lin_file = lpips_files
     with pytest.raises(FileNotFoundError, match='nothing is downloaded'):

@@ -16,6 +16,7 @@ Pure functions returning (loss, stats) like training/loss.py: the caller owns re
 is training/freeze.py's job), backward, optimisers and autocast. Random draws use torch's default generator
 on the images' device, like the EDM losses. Documentation: docs/consistency.md.
 """
+import importlib.util
 import math
 import os
 
@@ -140,10 +141,30 @@ class LPIPS(torch.nn.Module):
         return total
 
 
+VGG16_CACHE_NAME = 'vgg16-397923af.pth'  # torchvision's ImageNet VGG16 file name in the torch.hub cache
+LPIPS_PACKAGE_LIN = os.path.join('weights', 'v0.1', 'vgg.pth')  # inside an installed `lpips` package
+
+
+def lpips_weight_files(vgg_file=None, lin_file=None):
+    """(vgg_file, lin_file): the given paths, else the torch.hub cache's VGG16 and the installed lpips package's
+    heads when present (located without importing or downloading anything; None where not found, which
+    LPIPS() then reports)."""
+    if vgg_file is None:
+        cached = os.path.join(torch.hub.get_dir(), 'checkpoints', VGG16_CACHE_NAME)
+        vgg_file = cached if os.path.isfile(cached) else None
+    if lin_file is None:
+        spec = importlib.util.find_spec('lpips')
+        if spec is not None and spec.submodule_search_locations:
+            packaged = os.path.join(spec.submodule_search_locations[0], LPIPS_PACKAGE_LIN)
+            lin_file = packaged if os.path.isfile(packaged) else None
+    return vgg_file, lin_file
+
+
 def _read_state(path, what):
     if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f'LPIPS needs the {what} weights as a file; {path!r} does not exist (nothing is '
-                                f'downloaded: docs/consistency.md §4)')
+        where = 'none was given or found in the torch.hub cache / lpips package' if not path else f'{path!r} does not exist'
+        raise FileNotFoundError(f'LPIPS needs the {what} weights as a file; {where} (nothing is downloaded: '
+                                f'docs/consistency.md §4)')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:  # any unreadable or code-carrying file ends as one clear message
