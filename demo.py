@@ -48,7 +48,8 @@ DATASETS = {
          '--snap=5', '--dump=5', '--seed=0', '--workers=0', '--grid-seeds=16'),
         'EMA at 80,032 images (the first tick ends after one batch, so ticks end at 4k+32 images)'),
     'synth': DemoDataset(
-        'synth', 'built-in synth dataset (10 classes of shapes, 32x32)', os.path.join(ROOT, 'demo', 'teacher-synth32.pkl'),
+        'synth', 'built-in synth dataset (10 classes of shapes, 32x32)',
+        os.path.join(ROOT, 'demo', 'teacher-synth32.pkl'),
         ('--loss=edm', '--precond=edm', '--arch=ncsnpp', '--cbase=16', '--cres=1,2,2', '--dropout=0', '--batch=32',
          '--lr=1e-3', '--lr-rampup=1', '--ema=0.01', '--ema-warmup=0.05', '--duration=0.080032', '--tick=4',
          '--snap=5', '--dump=5', '--seed=0', '--workers=0', '--grid-seeds=16'),
@@ -85,7 +86,7 @@ def run_parallel(jobs, total_kimg, metric, log):
         out = open(logfile, 'a')
         files = dict(stats=os.path.join(run_dir, 'stats.jsonl'), metric=os.path.join(run_dir, f'metric-{metric}.jsonl'))
         procs.append(dict(name=name, out=out, logfile=logfile, files=files, start=time.time(), seconds=None,
-                          seen={k: len(read_jsonl(path)) for k, path in files.items()},  # resumed runs: skip old records
+                          seen={k: len(read_jsonl(path)) for k, path in files.items()},  # resumed: skip old ones
                           proc=subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                                 env=dict(os.environ, **THREAD_ENV))))
     try:
@@ -95,8 +96,9 @@ def run_parallel(jobs, total_kimg, metric, log):
                 for kind, path in p['files'].items():
                     for rec in read_jsonl(path)[p['seen'][kind]:]:
                         p['seen'][kind] += 1
-                        log(f'[{p["name"]}] ' + (f'{rec["kimg"]:.3f}/{total_kimg:.3f} kimg, {rec["sec_per_kimg"]:.0f} s/kimg'
-                                                 if kind == 'stats' else f'{metric} {rec["fid"]:.2f} at {rec["kimg"]:.3f} kimg'))
+                        what = (f'{rec["kimg"]:.3f}/{total_kimg:.3f} kimg, {rec["sec_per_kimg"]:.0f} s/kimg'
+                                if kind == 'stats' else f'{metric} {rec["fid"]:.2f} at {rec["kimg"]:.3f} kimg')
+                        log(f'[{p["name"]}] {what}')
                 if p['seconds'] is None and p['proc'].poll() is not None:
                     p['seconds'] = time.time() - p['start']
                     if p['proc'].returncode != 0:

@@ -65,7 +65,8 @@ def test_report_ratios_and_targets(tmp_path):
     assert results['dataset'] == 'mnist' and results['train_images'] == 800
     assert results['teacher_train_images'] == round(demo.teacher_training_kimg(demo.DATASETS['mnist']) * 1000)
     # 30/120 = 0.25 <= 1/3; 30/25 = 1.2 <= 1.5
-    assert results['targets'] == {'d2o_f_fid <= teacher_1nfe_fid / 3': True, 'd2o_f_fid <= 1.5 * teacher_35nfe_fid': True}
+    assert results['targets'] == {'d2o_f_fid <= teacher_1nfe_fid / 3': True,
+                                  'd2o_f_fid <= 1.5 * teacher_35nfe_fid': True}
     text = open(tmp_path / 'report.md').read()
     assert '| D2O-F (freeze 1) | 1 | 30.00 |' in text and '= 0.250 (target <= 1/3: met)' in text
     assert '= 1.200 (target <= 1.5: met)' in text and lines[0].startswith('# d2o demo')
