@@ -180,7 +180,7 @@ def test_cli_writes_figures_and_the_numbers_behind_them(fixtures_dir, tmp_path):
     net = load(fixtures_dir, 'edm_ve_ncsnpp_uncond16')
     latents, _, rnd = seeded_latents([0, 1], [3, 16, 16], 'cpu')
     result = F.analyze(net, latents.double(), num_steps=3, randn_like=rnd.randn_like)
-    assert np.allclose(fig4['out_in_radial'], result['trajectory']['out_in_radial'].numpy(), atol=2e-5)
+    assert np.allclose(fig4['out_in_radial'], result['trajectory']['out_in_radial'].numpy(), atol=1e-4)
 
 
 @pytest.mark.parametrize('args, message', [

@@ -75,7 +75,7 @@ def open_network(path, option):
 
 def write_json(path, record):
     with atomic_write(path, 'w') as f:
-        json.dump(record, f, indent=1)
+        json.dump(record, f, separators=(',', ':'))  # compact: the figure arrays are large
         f.write('\n')
 
 
@@ -86,7 +86,7 @@ def main():
 #----------------------------------------------------------------------------
 
 
-@main.command('frequency')
+@main.command('frequency', short_help='Frequency analysis of a sampler trajectory (paper Fig. 4, Fig. 6)')
 @click.option('--network', 'network_path', required=True, metavar='PKL', help='Diffusion network snapshot (ema)')
 @click.option('--outdir', required=True, metavar='DIR', help='Where the PNGs and the JSON go')
 @click.option('--name', default='analysis-frequency', show_default=True, help='File name prefix')
@@ -144,7 +144,7 @@ def parse_teacher_at(values):
     return teachers
 
 
-@main.command('teacher-student')
+@main.command('teacher-student', short_help='FID of K-step teachers vs a one-step student (paper Fig. 2)')
 @click.option('--student', 'student_path', required=True, metavar='PKL', help='One-step student (ema)')
 @click.option('--teacher', 'teacher_path', default=None, metavar='PKL',
               help='Network sampled with K steps as every teacher [default: the student]')

@@ -11,7 +11,7 @@ from training.analysis.frequency import depth_maps
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-DECIMALS = 5  # JSON precision: enough for the plots, keeps the files small
+DECIMALS = 4  # JSON precision: enough for the plots, keeps the files small
 
 
 def plain(value):
@@ -116,8 +116,9 @@ def plot_trajectory(data, path, title=''):
     rows = [('I_t', data['inputs'], 'image'), ('O_t', data['outputs'], 'image'),
             ('O_t − O_{t−1}', data['out_prev'], 'diff'), ('D_FFT(O_t, O_{t−1})', data['out_prev_fft'], 'fft'),
             ('O_t − I_t', data['out_in'], 'diff'), ('D_FFT(O_t, I_t)', data['out_in_fft'], 'fft')]
-    fig = plt.figure(figsize=(1.5 * len(shown) + 1, 14))
-    grid = fig.add_gridspec(len(rows) + 3, len(shown), height_ratios=[1] * len(rows) + [0.3, 2.2, 2.2])
+    fig = plt.figure(figsize=(1.6 * len(shown) + 1, 1.6 * len(rows) + 7))
+    grid = fig.add_gridspec(len(rows) + 4, len(shown), height_ratios=[1] * len(rows) + [0.25, 2.2, 0.45, 2.2],
+                            hspace=0.15)
     for r, (name, panels, kind) in enumerate(rows):
         limit = finite_limit(panels) if kind == 'fft' else None
         for c, panel in enumerate(panels):
@@ -137,9 +138,9 @@ def plot_trajectory(data, path, title=''):
     labels = [f'{s:.3g}' for s in sigmas]
     radial_lines(fig.add_subplot(grid[len(rows) + 1, :]), data['out_prev_radial'], labels[1:],
                  'B. radial D_FFT(O_t, O_{t−1}) (small radius = low frequency)')
-    radial_lines(fig.add_subplot(grid[len(rows) + 2, :]), data['out_in_radial'], labels,
+    radial_lines(fig.add_subplot(grid[len(rows) + 3, :]), data['out_in_radial'], labels,
                  'C. radial D_FFT(O_t, I_t)')
-    fig.suptitle(f'A. {title}', fontsize=9)
+    fig.suptitle(f'A. {title}', fontsize=9, y=0.925)
     save_figure(fig, path)
 
 
