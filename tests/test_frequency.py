@@ -183,6 +183,21 @@ def test_cli_writes_figures_and_the_numbers_behind_them(fixtures_dir, tmp_path):
     assert np.allclose(fig4['out_in_radial'], result['trajectory']['out_in_radial'].numpy(), atol=1e-4)
 
 
+def cli_error_line(tmp_path, capsys, command, args, defaults):
+    """Run `python -m training.analysis COMMAND --outdir=TMP ARGS` (plus each of `defaults`, an option → value
+    dict, that ARGS does not set) in-process; check exit status 1, one stderr line, nothing written."""
+    from training.analysis.__main__ import main
+    given = {a.split('=')[0] for a in args}
+    extra = [f'{option}={value}' for option, value in defaults.items() if option not in given]
+    with pytest.raises(SystemExit) as exit_info:
+        main.main([command, f'--outdir={tmp_path}', *args, *extra])
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('Error:'), lines
+    assert not list(tmp_path.iterdir())
+    return lines[0]
+
+
 @pytest.mark.parametrize('args, message', [
     (['--network=missing.pkl'], 'missing.pkl: no such file'),
     (['--steps=1'], '--steps'),
@@ -190,12 +205,5 @@ def test_cli_writes_figures_and_the_numbers_behind_them(fixtures_dir, tmp_path):
     (['--sigma-min=90'], '--sigma-min'),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
-    from training.analysis.__main__ import main
-    base = {'--network': '--network=../shared/fixtures/checkpoints/edm_ve_ncsnpp_uncond16.pkl'}
-    given = {a.split('=')[0] for a in args}
-    with pytest.raises(SystemExit) as exit_info:
-        main.main(['frequency', f'--outdir={tmp_path}', *args, *[v for k, v in base.items() if k not in given]])
-    assert exit_info.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('Error:') and message in lines[0], lines
-    assert not list(tmp_path.iterdir())  # nothing written
+    network = '../shared/fixtures/checkpoints/edm_ve_ncsnpp_uncond16.pkl'
+    assert message in cli_error_line(tmp_path, capsys, 'frequency', args, {'--network': network})
