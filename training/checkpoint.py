@@ -249,11 +249,3 @@ def build_network(record):
         raise ValueError(f'build_network: unknown class_name {class_name!r}; expected one of {sorted(NETWORK_CLASSES)}')
     return NETWORK_CLASSES[class_name](*record.get('init_args', ()), **record.get('init_kwargs', {}))
 
-
-def __getattr__(name):
-    # Transitional: teacher transfer moved to training/generator.py (issue 14.2); old imports keep working
-    # until every caller has switched.
-    if name in ('generator_kwargs_from_teacher', 'transfer_weights', 'TransferReport'):
-        from training import generator
-        return getattr(generator, name)
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
