@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo teacher bench clean
+.PHONY: venv test demo teacher bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ teacher: venv
 
 bench: venv
 	$(PY) -m bench --outdir=bench-out
+
+# GPU readiness (BENCHMARKS.md "GPU check"); GPU_CHECK_ARGS=--dry runs it on a CPU at toy sizes.
+gpu-check: venv
+	$(PY) -m bench.gpu_check --outdir=gpu-check-out $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache
