@@ -29,7 +29,7 @@ def default_sampler(net):
 
 def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=SIGMA_MIN,
                 sigma_max=SIGMA_MAX, rho=RHO, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, second_order=True):
-    """EDM's sampler (edm-networks.md §6), float64 throughout. With second_order=False every step is plain
+    """EDM's sampler (docs/edm-networks.md §6), float64 throughout. With second_order=False every step is plain
     Euler (NFE = N); otherwise Heun with a plain Euler last step to σ=0 (NFE = 2N−1)."""
     if num_steps < 2:
         raise ValueError(f'edm_sampler needs num_steps >= 2, got {num_steps}')
@@ -62,13 +62,13 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
 
 
 def cut_sigma(r, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
-    """ρ-schedule point at fraction r ∈ [0,1]: r=1 → σmax, r=0 → σmin (d2o-method.md §7; the paper's
+    """ρ-schedule point at fraction r ∈ [0,1]: r=1 → σmax, r=0 → σmin (docs/method.md §7; the paper's
     T(i,N) with r=i/N)."""
     return (sigma_max ** (1 / rho) + (1 - r) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
 def generator_sigmas(num_steps=1, middle_sigma=MIDDLE_SIGMA, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN):
-    """Noise levels σ_0 = σmax > … > σ_K = σmin visited by a K-step generator (d2o-method.md §7): two steps
+    """Noise levels σ_0 = σmax > … > σ_K = σmin visited by a K-step generator (docs/method.md §7): two steps
     go through `middle_sigma`, K ≥ 3 follow cut_sigma(i/K)."""
     if num_steps < 1:
         raise ValueError(f'generator needs num_steps >= 1, got {num_steps}')
@@ -83,7 +83,7 @@ def generator_sample(net, latents, class_labels=None, num_steps=1, middle_sigma=
                      sigma_min=SIGMA_MIN, force_fp32=False):
     """Image from the D2O generator G (an x₀ predictor): one step x̂ = G(σmax·z, σmax); with K > 1 steps
     each G output moves v along the straight line to it, v ← v + (d − v)(σ_c − σ_n)/σ_c, and the last
-    output is returned (d2o-method.md §7). Differentiable, so the training loss uses it for fakes.
+    output is returned (docs/method.md §7). Differentiable, so the training loss uses it for fakes.
     σ is a [B,1,1,1] tensor of the latents' dtype; multi-step calls also pass `sigma_next` (the one-step
     call is exactly the official one, so any EDM preconditioner works there too). Returns float32."""
     sigmas = generator_sigmas(num_steps, middle_sigma, sigma_max, sigma_min)
