@@ -2,7 +2,7 @@
 
 A `training-state-*.pt` holds G, its EMA, D, both optimisers, the progress counters, the non-finite
 streaks and every rank's RNG state, as plain tensors and lists (loadable with
-`torch.load(weights_only=True)`; docs/checkpoint-format.md). The data order is a pure function of (seed,
+`torch.load(weights_only=True)`; docs/checkpoint-format.md §3). The data order is a pure function of (seed,
 position), so these are all a bit-exact continuation needs."""
 import dataclasses
 import random
