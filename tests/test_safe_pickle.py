@@ -90,6 +90,14 @@ class HookedTensor:
         return torch._utils._rebuild_tensor_v2, (storage, 0, (2,), (1,), False, collections.OrderedDict(h=1))
 
 
+class HooksByBuild:
+    """A clean tensor, then BUILD with state (requires_grad, _, hooks): Tensor.__setstate__ installs the hooks."""
+
+    def __reduce__(self):
+        tensor_args = HookedTensor().__reduce__()[1][:5] + (collections.OrderedDict(),)
+        return torch._utils._rebuild_tensor_v2, tensor_args, (False, None, collections.OrderedDict(h=set))
+
+
 class OutOfBounds:
     def __reduce__(self):
         with warnings.catch_warnings():
@@ -101,6 +109,8 @@ class OutOfBounds:
 def test_hooks_and_out_of_bounds_views_are_refused():
     with pytest.raises(pickle.UnpicklingError, match='h.pkl: a tensor carries backward hooks'):
         safe_pickle.load(io.BytesIO(pickle.dumps(HookedTensor(), protocol=4)), TENSORS, 'h.pkl')
+    with pytest.raises(pickle.UnpicklingError, match='h.pkl: a tensor carries backward hooks'):
+        safe_pickle.load(io.BytesIO(pickle.dumps({'x': [HooksByBuild()]}, protocol=4)), TENSORS, 'h.pkl')
     with pytest.raises(pickle.UnpicklingError, match=r'b\.pkl: tensor view .* beyond its storage of 2 elements'):
         safe_pickle.load(io.BytesIO(pickle.dumps(OutOfBounds(), protocol=4)), TENSORS, 'b.pkl')
     with pytest.raises(pickle.UnpicklingError, match="only latin1"):

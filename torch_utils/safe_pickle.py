@@ -177,6 +177,29 @@ NUMPY_GLOBALS = _numpy_globals()
 # ----------------------------------------------------------------------------------------------
 # The unpickler.
 
+def _refuse_hooked_tensors(root):
+    """BUILD on a tensor runs Tensor.__setstate__, which installs backward hooks from the stream (only allow-listed
+    callables can get there, but hooks are code paths nobody asked for): refuse any loaded tensor that has them."""
+    stack, seen = [root], set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if getattr(obj, '_backward_hooks', None):
+                raise pickle.UnpicklingError('a tensor carries backward hooks, which would be code; refusing')
+        elif isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif type(obj).__module__ == 'numpy' and getattr(getattr(obj, 'dtype', None), 'hasobject', False):
+            stack.extend(obj.flat)
+        elif hasattr(obj, '__dict__') and not isinstance(obj, type):
+            stack.append(vars(obj))
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Resolves only `allowed` {(module, name): object}; any other global raises naming it and `source`
     (or becomes `inert`, e.g. InertNode, when given). `storage(dtype, key, numel)` serves the persistent ids
@@ -196,6 +219,11 @@ class RestrictedUnpickler(pickle.Unpickler):
             return self.inert
         raise pickle.UnpicklingError(f'{self.source}: global {module}.{name} is not allowed in this kind of file '
                                      f'(refused; nothing in the file was run){". " + self.hint if self.hint else ""}')
+
+    def load(self):
+        obj = super().load()
+        _refuse_hooked_tensors(obj)
+        return obj
 
     def persistent_load(self, pid):
         ok = (self.storage is not None and isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == 'storage'
