@@ -109,14 +109,16 @@ TINY_DEIT = {DEIT: dict(embed_dim=32, num_heads=2)}  # DeiT-base's layout at 1/2
 REAL = Scale(device='cuda:0', small_g={'ncsnpp': (32, (1, 2), 2, 32, 0), 'adm': (32, (1, 2), 1, 32, 10)},
              backbones=(DEIT, LITE0, VGG), backbone_kwargs={}, batch=8, train_backbone=0, train_g=(32, '1,2'),
              iters_before_after=(10, 8), dataset_images=256, images=64, throughput=(CIFAR10_D2O_F, IMAGENET64_D2O),
-             all_variants=('cifar10_d2o_f', 'imagenet64_d2o'), warmup=3, iters=6, compile_backend='inductor', timeout_s=240, compile_estimate_s=120.0)
+             all_variants=('cifar10_d2o_f', 'imagenet64_d2o'), warmup=3, iters=6, compile_backend='inductor',
+             timeout_s=240, compile_estimate_s=120.0)
 DRY = Scale(device='cpu', small_g={'ncsnpp': (8, (1, 2), 1, 16, 0), 'adm': (8, (1, 2), 1, 16, 10)},
             backbones=(DEIT, LITE0), backbone_kwargs=TINY_DEIT, batch=2, train_backbone=3, train_g=(8, '1,2'),
             iters_before_after=(2, 2), dataset_images=8, images=4,
             throughput=(dataclasses.replace(CIFAR10_D2O_F, batch=2, cbase=8, cres=(1, 2), blocks=1, backbone=3),
                         dataclasses.replace(IMAGENET64_D2O, res=16, label_dim=10, batch=2, cbase=8, cres=(1, 2),
                                             blocks=1, backbone=3)),
-            all_variants=('cifar10_d2o_f',), warmup=0, iters=1, compile_backend='eager', timeout_s=300, compile_estimate_s=5.0)
+            all_variants=('cifar10_d2o_f',), warmup=0, iters=1, compile_backend='eager', timeout_s=300,
+            compile_estimate_s=5.0)
 
 # ----------------------------------------------------------------------------------------------
 # Results: one record per check / throughput variant, written after each one.
@@ -191,8 +193,8 @@ def markdown(data):
         lines.append(f'| {r["name"]} | {r["status"]} | {r["seconds"]:.1f} | '
                      f'{(r.get("error") or short_numbers(r["numbers"], 12)).replace("|", "/")} |')
     lines += ['', f'Throughput (paper budget: {PAPER_IMG_S_PER_GPU:.1f} img/s per A100):', '',
-              '| config | variant | status | img/s/GPU | × paper | × baseline | ms/iter | G ms | D ms | R1 it. extra ms '
-              '| peak GiB |', '|---|---|---|---|---|---|---|---|---|---|---|']
+              '| config | variant | status | img/s/GPU | × paper | × baseline | ms/iter | G ms | D ms '
+              '| R1 it. extra ms | peak GiB |', '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in data['throughput']:
         if r['status'] != 'PASS':
             lines.append(f'| {r["config"]} | {r["variant"]} | {r["status"]} | {r.get("error", "")} |||||||')
@@ -214,7 +216,7 @@ def run_check(report, name, fn, ctx):
         record['numbers'] = fn(ctx) or {}
     except Skipped as err:
         record.update(status='SKIP', error=str(err))
-    except Exception as err:  # noqa: BLE001 — fail soft: the next check still runs
+    except (Exception, SystemExit) as err:  # noqa: BLE001 — fail soft (a CLI run in-process may sys.exit)
         record.update(status='FAIL', error=f'{type(err).__name__}: {err}'.splitlines()[0][:400],
                       traceback=traceback.format_exc()[-3000:])
         record['numbers'] = getattr(err, 'numbers', {})
@@ -346,13 +348,18 @@ def random_detector_file(path, seed=0):
 # Part 1: correctness checks.
 
 
+def _as_tuple(version):
+    return version if isinstance(version, tuple) else (version,)  # older torch: one int
+
+
 def check_env(ctx):
     numbers = dict(torch=torch.__version__, cuda_available=torch.cuda.is_available(), device=ctx.scale.device)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        numbers.update(gpu=props.name, capability=f'{props.major}.{props.minor}', gpu_mem_gib=props.total_memory / 2 ** 30,
-                       cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                       bf16=torch.cuda.is_bf16_supported(), nccl='.'.join(map(str, torch.cuda.nccl.version())))
+        numbers.update(gpu=props.name, capability=f'{props.major}.{props.minor}',
+                       gpu_mem_gib=props.total_memory / 2 ** 30, cuda=torch.version.cuda,
+                       cudnn=torch.backends.cudnn.version(), bf16=torch.cuda.is_bf16_supported(),
+                       nccl='.'.join(map(str, _as_tuple(torch.cuda.nccl.version()))))
     require(ctx.dry or torch.cuda.is_available(), 'CUDA is not available (use --dry on a CPU machine)', numbers)
     return numbers
 
@@ -457,7 +464,7 @@ def r1_gradients(D, real, labels):
 
 
 def check_r1_double_backward(ctx):
-    """R1 (γ/2·‖∇ₓ Σ logits‖², gradient of that w.r.t. D's weights: a double backward through every feature net)
+    """R1 (γ/2·‖∇ₓ Σ logits‖², differentiated w.r.t. D's weights: a double backward through every feature net)
     on the device against the same D on the CPU (float32, TF32 off)."""
     D = ctx.discriminator()
     cpu_D = copy.deepcopy(D).cpu()  # before any forward: spectral norm's derived weights cannot be deep-copied
@@ -643,10 +650,11 @@ def check_fid(ctx):
     return numbers
 
 
-CHECKS = [('env', check_env), ('bf16_generator', check_bf16_generator), ('fp32_discriminator', check_fp32_discriminator),
-          ('r1_double_backward', check_r1_double_backward), ('gan_iteration', check_gan_iteration),
-          ('nccl', check_nccl), ('dataset', check_dataset), ('train_torchrun', check_train_torchrun),
-          ('resume_bitexact', check_resume_bitexact), ('generate', check_generate), ('fid', check_fid)]
+CHECKS = [('env', check_env), ('bf16_generator', check_bf16_generator),
+          ('fp32_discriminator', check_fp32_discriminator), ('r1_double_backward', check_r1_double_backward),
+          ('gan_iteration', check_gan_iteration), ('nccl', check_nccl), ('dataset', check_dataset),
+          ('train_torchrun', check_train_torchrun), ('resume_bitexact', check_resume_bitexact),
+          ('generate', check_generate), ('fid', check_fid)]
 
 # ----------------------------------------------------------------------------------------------
 # Part 2: throughput through training/steps.py.
@@ -742,7 +750,7 @@ def time_variant(rig, v, scale):
         stages.times = {}
         total = common.timed(lambda: (stages.iteration(rig.batches, batch_idx),
                                       steps.update_ema(ema, rig.G, 10 ** 6, batch, 500, 0.05)), device)[0]
-        return dict(stages.times, total=total, EMA=total - sum(stages.times.values()))
+        return dict(stages.times, total=total, EMA_and_rest=total - sum(stages.times.values()))  # EMA, Python
 
     start = time.monotonic()
     for i in range(scale.warmup):
@@ -750,7 +758,7 @@ def time_variant(rig, v, scale):
     warmup_s = time.monotonic() - start
     plain = [iteration(1) for _ in range(scale.iters)]
     with_r1 = iteration(steps.R1_INTERVAL)
-    ms = {key: 1000 * common.median([t[key] for t in plain]) for key in ('G', 'D', 'EMA', 'total')}
+    ms = {key: 1000 * common.median([t[key] for t in plain]) for key in ('G', 'D', 'EMA_and_rest', 'total')}
     ms['R1_iteration_extra'] = 1000 * with_r1['total'] - ms['total']
     ms['R1'] = 1000 * (with_r1['R1'] + with_r1['R1_features'])
     iter_ms = ms['total'] + ms['R1_iteration_extra'] / steps.R1_INTERVAL
@@ -879,6 +887,10 @@ class Context:
             self._d = make_discriminator(self.scale.backbones, 0, self.scale.backbone_kwargs).to(self.device)
         return copy.deepcopy(self._d)
 
+    def release(self):
+        self._d = None
+        free_memory(self.device)
+
     def log(self, name, args, output, status):
         with open(self.outdir / 'gpu_check.log', 'a') as f:
             f.write(f'===== {name}: {" ".join(map(str, args))} ({status})\n{output}\n')
@@ -904,6 +916,7 @@ def run_all(ctx, report):
     for name, fn in CHECKS:
         if name in wanted:
             run_check(report, name, fn, ctx)
+    ctx.release()  # the check D would otherwise count in every throughput variant's peak memory
     run_throughput(report, ctx)
 
 
