@@ -3,7 +3,8 @@
 The paper trains K-step GAN generators ("teachers", K = 2, 4, 6, 8, 10) and a one-step student from the same
 EDM model and compares image sets by FID, using the student's generated images as the reference (blue in
 Fig. 2) and the training set (gray). A K-step teacher is
-H = F(…F(F(x_{t_K}, t_K, t_{K−1}), t_{K−1}, t_{K−2})…, t_1, t_0) on the paper's schedule t_i = T(i, K) (Appendix C):
+H = F(…F(F(x_{t_K}, t_K, t_{K−1}), t_{K−1}, t_{K−2})…, t_1, t_0) on the paper's schedule t_i = T(i, K)
+(Appendix C):
     T(i, N) = (σmax^{1/ρ} + (1 − i/N)(σmin^{1/ρ} − σmax^{1/ρ}))^ρ,  σmin 0.002, σmax 80, ρ 7,
 so T(N, N) = σmax and T(0, N) = σmin; Fig. 2B fixes K = 2 and sweeps the middle σ = t_1. One step of F is
 training.sampling.generator_sample's: x₀ estimate d = F(v, σ_c), then v ← v + (d − v)(σ_c − σ_n)/σ_c; the
