@@ -15,7 +15,8 @@ One script for the first GPU machine this project gets (one H200, minutes of dev
    random weights, 32 images per GPU) and ImageNet-64 D2O (ADM 296M, DeiT + lite0, 64 per GPU), timed through
    training/steps.py's own stages: images/s/GPU, peak GPU memory, ms per stage, against the paper's budget
    (5 Mimg in 6 h on 8×A100 ≈ 29 img/s per GPU), and the CUDA choices worth having, each on/off against the
-   loop as it is: channels_last, fused Adam, cuDNN benchmark, TF32, torch.compile of G (opt-in).
+   loop as it is: channels_last, fused Adam, cuDNN benchmark (off: in a fresh process), TF32, torch.compile of G
+   (opt-in).
 
 Every check fails soft (one failing check doesn't stop the others; the exit status is 1 if any failed);
 subprocesses have timeouts; `--budget` seconds (whole script) skips the remaining throughput variants once spent.
@@ -100,6 +101,7 @@ class Scale:
     compile_backend: str
     timeout_s: int              # per subprocess
     compile_estimate_s: float   # compile time assumed by the budget before a compiled variant runs
+    process_estimate_s: float   # start-up and network building of a fresh-process variant
 
 
 CIFAR10_D2O_F = Throughput('cifar10_d2o_f', 'ncsnpp', 32, 0, 32, freeze=1, backbone=1, r1_gamma=1e-4, adv_scale=32.0)
@@ -110,7 +112,7 @@ REAL = Scale(device='cuda:0', small_g={'ncsnpp': (32, (1, 2), 2, 32, 0), 'adm': 
              backbones=(DEIT, LITE0, VGG), backbone_kwargs={}, batch=8, train_backbone=0, train_g=(32, '1,2'),
              iters_before_after=(10, 8), dataset_images=256, images=64, throughput=(CIFAR10_D2O_F, IMAGENET64_D2O),
              all_variants=('cifar10_d2o_f', 'imagenet64_d2o'), warmup=3, iters=6, compile_backend='inductor',
-             timeout_s=240, compile_estimate_s=120.0)
+             timeout_s=240, compile_estimate_s=120.0, process_estimate_s=40.0)
 DRY = Scale(device='cpu', small_g={'ncsnpp': (8, (1, 2), 1, 16, 0), 'adm': (8, (1, 2), 1, 16, 10)},
             backbones=(DEIT, LITE0), backbone_kwargs=TINY_DEIT, batch=2, train_backbone=3, train_g=(8, '1,2'),
             iters_before_after=(2, 2), dataset_images=8, images=4,
@@ -118,7 +120,7 @@ DRY = Scale(device='cpu', small_g={'ncsnpp': (8, (1, 2), 1, 16, 0), 'adm': (8, (
                         dataclasses.replace(IMAGENET64_D2O, res=16, label_dim=10, batch=2, cbase=8, cres=(1, 2),
                                             blocks=1, backbone=3)),
             all_variants=('cifar10_d2o_f',), warmup=0, iters=1, compile_backend='eager', timeout_s=300,
-            compile_estimate_s=5.0)
+            compile_estimate_s=5.0, process_estimate_s=15.0)
 
 # ----------------------------------------------------------------------------------------------
 # Results: one record per check / throughput variant, written after each one.
@@ -669,10 +671,13 @@ class Variant:
     compile: bool = False
     cudnn_benchmark: bool = True
     tf32: bool = False
+    # cuDNN caches the algorithm it chose per convolution shape whether it benchmarked or not (the cache key has
+    # TF32 and the memory layout, not the benchmark flag), so benchmark-off runs in a process with an empty cache.
+    fresh_process: bool = False
 
 
 VARIANTS = [Variant('baseline'), Variant('channels_last', channels_last=True), Variant('fused_adam', fused_adam=True),
-            Variant('cudnn_benchmark_off', cudnn_benchmark=False), Variant('tf32', tf32=True),
+            Variant('cudnn_benchmark_off', cudnn_benchmark=False, fresh_process=True), Variant('tf32', tf32=True),
             Variant('compile', compile=True)]
 
 
@@ -797,7 +802,34 @@ def alarm(seconds):
 
 
 def estimate_s(v, baseline_s, scale):
-    return baseline_s + (scale.compile_estimate_s if v.compile else 0.0)
+    return baseline_s + (scale.compile_estimate_s if v.compile else 0.0) + (scale.process_estimate_s
+                                                                           if v.fresh_process else 0.0)
+
+
+def time_in_fresh_process(ctx, cfg, v, timeout):
+    """time_variant in a new `python -m bench.gpu_check --time-variant=CONFIG:VARIANT` (see Variant.fresh_process)."""
+    args = python('-m', 'bench.gpu_check', f'--time-variant={cfg.name}:{v.name}', *(['--dry'] if ctx.dry else []))
+    output = run_command(ctx, f'{cfg.name}/{v.name}', args, timeout=max(int(timeout), 1))
+    return json.loads([line for line in output.splitlines() if line.startswith('{')][-1])
+
+
+def time_variant_main(spec, dry):
+    """The child side of time_in_fresh_process: one JSON line on stdout."""
+    scale = DRY if dry else REAL
+    config_name, _, variant_name = spec.partition(':')
+    cfg = next(c for c in scale.throughput if c.name == config_name)
+    v = next(v for v in VARIANTS if v.name == variant_name)
+    device = torch.device(scale.device)
+    setup_torch(device)
+    print(json.dumps(time_variant(Rig(cfg, device), v, scale)), flush=True)
+    return 0
+
+
+def measure_variant(ctx, rig, v, left):
+    if v.fresh_process:
+        return time_in_fresh_process(ctx, rig.cfg, v, timeout=left + OVERRUN_S)
+    with alarm(left + OVERRUN_S):
+        return time_variant(rig, v, ctx.scale)
 
 
 def run_variant(report, ctx, rig, v, baseline):
@@ -813,8 +845,7 @@ def run_variant(report, ctx, rig, v, baseline):
         return None
     start = time.monotonic()
     try:
-        with alarm(left + OVERRUN_S):
-            record.update(time_variant(rig, v, ctx.scale), status='PASS')
+        record.update(measure_variant(ctx, rig, v, left), status='PASS')
         record['vs_paper'] = record['img_s'] / PAPER_IMG_S_PER_GPU
         record['speedup'] = record['img_s'] / baseline['img_s'] if 'img_s' in baseline else 1.0
     except Exception as err:  # noqa: BLE001 — OOM or a compile failure must not stop the other variants
@@ -941,10 +972,14 @@ def parse_names(text, option):
 @click.option('--workdir', metavar='DIR', help='Datasets and training runs  [default: a temporary folder, removed]')
 @click.option('--inject-fault', metavar='LIST', help='Tests: report these checks as failed', hidden=True)
 @click.option('--nccl-probe', metavar='BACKEND', hidden=True, help='Internal: the torchrun side of the nccl check')
-def main(outdir, dry, budget, only, workdir, inject_fault, nccl_probe):
+@click.option('--time-variant', 'variant_spec', metavar='CONFIG:VARIANT', hidden=True,
+              help='Internal: one variant in a fresh process')
+def main(outdir, dry, budget, only, workdir, inject_fault, nccl_probe, variant_spec):
     """GPU readiness: every CUDA path PASS/FAIL, then training throughput; exit status 1 if any check failed."""
     if nccl_probe:
         return nccl_probe_run(nccl_probe)
+    if variant_spec:
+        return time_variant_main(variant_spec, dry)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise click.ClickException(f'--outdir={outdir}: is a file, expected a folder (existing or to be created)')
     if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
