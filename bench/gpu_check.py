@@ -583,8 +583,11 @@ def check_train_torchrun(ctx):
             f'{name} is at iteration {state["batch_idx"]}')
     ctx.snapshot = snapshots[-1]
     stats = [json.loads(line) for line in open(ctx.workdir / 'full' / 'stats.jsonl')]
-    return dict(iterations=state['batch_idx'], state=name, snapshot=ctx.snapshot.name,
-                gpu_mem_gb=stats[-1].get('gpu_mem_gb'), sec_per_kimg=stats[-1].get('sec_per_kimg'))
+    numbers = dict(iterations=state['batch_idx'], state=name, snapshot=ctx.snapshot.name,
+                   gpu_mem_gb=stats[-1].get('gpu_mem_gb'), sec_per_kimg=stats[-1].get('sec_per_kimg'))
+    require(ctx.device.type == 'cpu' or (numbers['gpu_mem_gb'] or 0) > 0, 'train.py did not use the GPU '
+            '(stats.jsonl gpu_mem_gb is 0)', numbers)
+    return numbers
 
 
 def check_resume_bitexact(ctx):
