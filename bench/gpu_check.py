@@ -245,13 +245,13 @@ def make_generator(arch, res, label_dim, use_fp16=False, cbase=None, cres=None, 
 
 @torch.no_grad()
 def randomize_zero_init_(net, seed=0):
-    """EDM zero-initialises the last layer of each block and the output conv, so a fresh G outputs exactly
-    c_skip·x and most gradients vanish; give those tensors random values so every layer matters in a check."""
+    """EDM initialises the last layer of each block and the output conv to zero (ADM) or to 1e-5-scaled values
+    (NCSN++), so a fresh G outputs about c_skip·x and most gradients vanish; give those tensors unit-scale random
+    values so that every layer, and its precision, shows in the output."""
     gen = torch.Generator().manual_seed(seed)
     for p in net.parameters():
-        if p.ndim >= 2 and not p.any():
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+        if p.ndim >= 2 and p.abs().max() < 1e-3:
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel()))
     return net
 
 
@@ -411,8 +411,9 @@ def check_bf16_generator(ctx):
                 numbers)
         require(sorted(lowered_seen) == ['bfloat16'], f'{arch}: block convs ran in {sorted(lowered_seen)}, expected '
                 'bfloat16 under autocast', numbers)
-        require(out.dtype == torch.float32 and rel < 0.05, f'{arch}: output {out.dtype}, relative error vs float32 '
-                f'{rel:.3g} (expected float32 output, < 0.05)', numbers)
+        # bf16 keeps 8 significant bits: about 1e-2 after a few dozen layers; a wrong path gives O(1).
+        require(out.dtype == torch.float32 and rel < 0.1, f'{arch}: output {out.dtype}, relative error vs float32 '
+                f'{rel:.3g} (expected float32 output, < 0.1)', numbers)
         require(numbers[f'{arch}_grads_float32_finite'] and len(grads) == len(list(G.parameters())),
                 f'{arch}: gradients missing, non-finite or not float32', numbers)
     return numbers

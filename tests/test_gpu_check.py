@@ -74,7 +74,7 @@ def test_in_process_checks_carry_their_numbers(dry_run):
         assert c['bf16_generator'][f'{arch}_mapping_affine_dtypes'] == ['float32']
         assert c['bf16_generator'][f'{arch}_conv_dtypes'] == ['bfloat16']
         assert c['bf16_generator'][f'{arch}_out_dtype'] == 'torch.float32'
-        assert 0 < c['bf16_generator'][f'{arch}_rel_err_vs_fp32'] < 0.05  # bf16 really ran, and stayed close
+        assert 1e-3 < c['bf16_generator'][f'{arch}_rel_err_vs_fp32'] < 0.1  # bf16 really ran, and stayed close
     assert c['fp32_discriminator']['d_output_dtypes'] == ['float32'] and c['fp32_discriminator']['rel_diff'] == 0
     r1 = c['r1_double_backward']  # CPU against CPU in the dry run: identical
     assert r1['nonzero_grads'] > 0 and r1['penalty'] > 0 and r1['rel_grad_diff_vs_cpu'] == 0
