@@ -32,4 +32,4 @@ gpu-check: venv
 	$(PY) -m bench.gpu_check --outdir=gpu-check-out $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf demo-out bench-out .pytest_cache
+	rm -rf demo-out bench-out gpu-check-out .pytest_cache
