@@ -325,6 +325,8 @@ def gan_finetune(cfg, data, teacher, ref, log):
     runs = {}
     for name, run_dir in run_dirs.items():
         records = read_jsonl(os.path.join(run_dir, f'metric-{metric}.jsonl'))
+        if not records:
+            raise click.ClickException(f'{run_dir}: no metric-{metric}.jsonl records yet (nothing to report)')
         with open(os.path.join(run_dir, 'training_options.json')) as f:
             opts = json.load(f)
         runs[name] = dict(run_dir=run_dir, records=records, fid=records[-1]['fid'], kimg=records[-1]['kimg'],
