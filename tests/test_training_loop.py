@@ -261,3 +261,76 @@ def test_in_training_fid_samples_like_generate_py(tmp_path, synth_zip, monkeypat
     assert torch.equal(images, expected)
     snapshot = checkpoint.load_network(os.path.join(run_dir, 'network-snapshot-000000.004.pkl'))
     assert torch.equal(torch.cat([x for _, x in generate_images(snapshot, [0, 1, 2])]).permute(0, 3, 1, 2), images)
+
+
+# ----------------------------------------------------------------------------------------------
+# The consistency-distillation objective wired into the loop (--cd-weight, --cd-only; docs/consistency.md).
+
+def test_gan_plus_cd_run_records_the_cd_term(tmp_path, synth_zip, tiny_teacher):
+    cfg = tiny_config(tmp_path, synth_zip, transfer=tiny_teacher, arch=None, cbase=None, cres=None, freeze=1,
+                      cd_weight=0.5)
+    run_dir = training_loop.run(cfg)
+    stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert all(np.isfinite(s['Loss/CD/loss']) and s['Loss/CD/loss'] > 0 for s in stats)
+    assert any('Loss/D' in k for k in stats[-1])  # the GAN stages still run
+    options = json.load(open(os.path.join(run_dir, 'training_options.json')))
+    assert options['cd_weight'] == 0.5 and options['cd_only'] is False
+    assert 'D2O + CD' in open(os.path.join(run_dir, 'log.txt')).read()
+
+
+def test_cd_only_trains_without_d_and_resumes_bitwise(tmp_path, synth_zip, tiny_teacher):
+    kw = dict(transfer=tiny_teacher, arch=None, cbase=None, cres=None, freeze=1, cd_only=True, tick=0.1)
+    full_dir = training_loop.run(tiny_config(tmp_path / 'full', synth_zip, duration=4 * 6 / 1e6, **kw))
+    part_dir = training_loop.run(tiny_config(tmp_path / 'part', synth_zip, duration=4 * 3 / 1e6, **kw))
+    # The resumed run gets the teacher from the training state's recorded --transfer.
+    resumed = tiny_config(tmp_path / 'part', synth_zip, duration=4 * 6 / 1e6, resume=part_dir,
+                          **dict(kw, transfer=None))
+    assert training_loop.run(resumed) == part_dir
+    a, b = _state(full_dir), _state(part_dir)
+    assert a['D'] is None and a['opt_D'] is None and a['config']['cd_weight'] == 1.0
+    for key in ('G', 'G_ema'):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f'{key}.{name} differs'
+    stats = [json.loads(line) for line in open(os.path.join(part_dir, 'stats.jsonl'))]
+    assert all('Loss/CD/loss' in s for s in stats) and not any(k.startswith('Loss/D') for s in stats for k in s)
+
+
+def test_cd_stage_gradient_is_the_weighted_cd_loss_gradient(tiny_teacher):
+    from training import consistency
+    teacher = checkpoint.load_network(tiny_teacher).eval().requires_grad_(False)
+    G = training_loop.generator.build_generator(
+        make_config(data='-', transfer=tiny_teacher, batch=4), type('D', (), dict(
+            resolution=teacher.img_resolution, num_channels=teacher.img_channels, label_dim=teacher.label_dim))(),
+        log=lambda *_: None)
+    opt = torch.optim.SGD(G.parameters(), lr=0.0)  # lr 0: the step leaves G as it was, the gradients stay
+    settings = steps.GanSettings(adv_scale=1.0, cd_weight=0.25, cd_distance='pseudo_huber')
+    stage = steps.ConsistencyStage(G, opt, teacher, settings, steps.NonFiniteGuard(3))
+    real = torch.rand(2, teacher.img_channels, teacher.img_resolution, teacher.img_resolution) * 2 - 1
+    torch.manual_seed(5)
+    stage.iteration([(real[:1], None), (real[1:], None)])
+    got = [p.grad.clone() for p in G.parameters()]
+    G.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    for i in range(2):
+        loss, _ = consistency.consistency_loss(G, teacher, real[i:i + 1], None, 'pseudo_huber')
+        (0.25 * loss / 2).backward()
+    for g, p in zip(got, G.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize('kw, message', [
+    (dict(cd_only=True), 'need the diffusion teacher'),
+    (dict(cd_weight=1.0, loss='edm'), 'apply to --loss=d2o only'),
+    (dict(cd_weight=1.0, transfer='t.pkl', multi_step_g=2), 'one-step generator'),
+    (dict(cd_weight=float('nan'), transfer='t.pkl'), '--cd-weight=nan'),
+])
+def test_cd_options_are_checked_before_any_file(kw, message):
+    from training.config import resolve
+    with pytest.raises(ValueError, match=message):
+        resolve(make_config(data='-', **kw), check_files=False)
+
+
+def test_cd_only_resolves_weight_one_and_no_backbones():
+    from training.config import resolve
+    cfg, plan = resolve(make_config(data='-', transfer='t.pkl', cd_only=True, cond=True), check_files=False)
+    assert cfg.cd_weight == 1.0 and plan.backbones == () and cfg.d_embedding is None

@@ -46,6 +46,13 @@ class TrainConfig:
     loss_type: str = 'ns'               # ns (non-saturating) | hinge
     r1_gamma: float = 1e-4
     adv_scale: Optional[float] = None   # None → batch / 8 (the paper's per-GPU batch on 8 GPUs; loss.py)
+    # Extra consistency-distillation objective (paper §4.4; training/consistency.py, docs/consistency.md)
+    cd_weight: float = 0.0              # weight of the CD term added to G's loss (0 = off, GAN only)
+    cd_only: bool = False               # CD alone, no discriminator: the paper's CD / CD-F (Fig. 3A)
+    cd_distance: str = 'l2'             # l2 | pseudo_huber | lpips (the paper: lpips)
+    cd_scales: int = 18                 # N of the schedule T(i, N) (Appendix C)
+    lpips_vgg: Optional[str] = None     # LPIPS weight files (only for --cd-distance=lpips; never downloaded)
+    lpips_lin: Optional[str] = None
     # Optimisation
     lr: float = 1e-4
     dlr: float = 1e-4
@@ -84,7 +91,8 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 # How a None default resolves (shown by `train.py --help`).
 DEFAULT_NOTES = dict(
     arch='from --transfer, else ncsnpp', freeze='1 (D2O-F); 0 with --loss=edm|vp|ve', adv_scale='batch/8',
-    batch_gpu='batch / processes', d_embedding='official for conditional runs', d_bn_group='per-process batch',
+    batch_gpu='batch / processes', d_embedding='official for conditional runs',
+    lpips_vgg='the torch.hub cache\'s vgg16 file', lpips_lin='the installed lpips package\'s v0.1 heads', d_bn_group='per-process batch',
     device='cuda if available, else cpu', cres='from --transfer, else the architecture\'s', cbase='from --transfer, '
     'else the architecture\'s')
 PAPER_NUM_GPUS = 8  # default adv_scale = the paper's per-GPU batch (loss.py, docs/method.md §6)
@@ -143,7 +151,8 @@ def make_config(preset=None, **explicit):
 # Resolution: validate once and derive every dependent value, before the dataset or teacher loads.
 
 CHOICES = dict(loss=('d2o', 'edm', 'vp', 've'), precond=('d2o', 'edm', 'vp', 've'),
-               arch=(None, 'ddpmpp', 'ncsnpp', 'adm'), loss_type=('ns', 'hinge'), precision=('fp32', 'bf16'))
+               arch=(None, 'ddpmpp', 'ncsnpp', 'adm'), loss_type=('ns', 'hinge'), precision=('fp32', 'bf16'),
+               cd_distance=('l2', 'pseudo_huber', 'lpips'))
 MAX_SEED = 2 ** 31 - 1  # per-rank seeds are (seed·world + rank) mod 2³¹ (docs/method.md §4)
 
 
@@ -253,6 +262,23 @@ def _check_combinations(cfg, gan):
         raise ValueError('--metrics needs --metric-ref=NPZ (reference statistics, e.g. from fid.py ref)')
     if cfg.multi_step_g > 1 and not gan:
         raise ValueError(f'--multi-step-g={cfg.multi_step_g} applies to --loss=d2o only')
+    _check_consistency(cfg, gan)
+
+
+def _check_consistency(cfg, gan):
+    """The CD objective (paper §4.4) needs a one-step generator and the diffusion teacher it came from."""
+    if not cfg.cd_weight >= 0 or not math.isfinite(cfg.cd_weight):
+        raise ValueError(f'--cd-weight={cfg.cd_weight}: expected a finite value >= 0')
+    if not (cfg.cd_weight or cfg.cd_only):
+        return
+    if not gan:
+        raise ValueError(f'--cd-weight/--cd-only apply to --loss=d2o only, not --loss={cfg.loss}')
+    if cfg.multi_step_g > 1:
+        raise ValueError(f'--cd-weight/--cd-only train a one-step generator; got --multi-step-g={cfg.multi_step_g}')
+    if not cfg.transfer and not cfg.resume:
+        raise ValueError('--cd-weight/--cd-only need the diffusion teacher: pass --transfer=PKL')
+    if not cfg.cd_scales >= 2:
+        raise ValueError(f'--cd-scales={cfg.cd_scales}: expected an integer >= 2')
 
 
 def resolve(cfg, world_size=1, check_files=True):
@@ -270,7 +296,7 @@ def resolve(cfg, world_size=1, check_files=True):
     if check_files:
         _check_paths(cfg)
     backbones = ()
-    if gan:
+    if gan and not cfg.cd_only:
         from pg_modules.discriminator import backbone_set  # validates the index
         backbones = tuple(backbone_set(cfg.backbone))
     resolved = dataclasses.replace(
@@ -279,7 +305,8 @@ def resolve(cfg, world_size=1, check_files=True):
         # A diffusion teacher cannot use the D2O preconditioner (it is an x₀ predictor at one σ).
         precond=cfg.precond if gan or cfg.precond != 'd2o' else 'edm',
         adv_scale=float(cfg.adv_scale if cfg.adv_scale is not None else cfg.batch / PAPER_NUM_GPUS),
-        d_embedding=cfg.d_embedding or ('official' if gan and cfg.cond else None))
+        d_embedding=cfg.d_embedding or ('official' if gan and cfg.cond and not cfg.cd_only else None),
+        cd_weight=float(cfg.cd_weight or (1.0 if cfg.cd_only else 0.0)))
     plan = RunPlan(world_size=world_size, rounds=rounds, total_nimg=int(round(cfg.duration * 1e6)),
                    backbones=backbones, metric_images=metric_images)
     return resolved, plan

@@ -313,6 +313,7 @@ DATASET_KEYS = ('resolution', 'channels', 'label_dim')  # from the dataset / the
 WHAT_OPTIONS = (
     'cond', 'loss', 'loss_type', 'arch', 'precond', 'cbase', 'cres', 'dropout', 'augment_dim',  # the model
     'multi_step_g', 'middle_sigma', 'freeze', 'train_groups',  # what G computes and which weights train
+    'cd_weight', 'cd_only', 'cd_distance', 'cd_scales',  # the objective (training/consistency.py)
     'backbone', 'd_pretrained', 'd_embedding', 'interp224',  # D's structure (its weights are in the state)
     'batch', 'xflip', 'seed',  # the data stream: order and EMA/adv-scale defaults derive from them
 ) + DATASET_KEYS
@@ -325,6 +326,7 @@ HOW_OPTIONS = (
 IGNORED_OPTIONS = (
     'outdir', 'resume', 'desc', 'nosubdir', 'device', 'preset',  # where, not what or how
     'transfer', 'allow_unsafe_pickle', 'd_weights',  # initial weights: the state's weights replace them
+    'lpips_vgg', 'lpips_lin',  # fixed pretrained weights, located again on every start
 )
 
 STATE_VERSION = 1

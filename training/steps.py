@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from torch_utils import distributed as dist
-from training import loss as losses, sampling
+from training import consistency, loss as losses, sampling
 
 R1_INTERVAL = losses.R1_INTERVAL  # lazy R1 every 16th iteration, its loss multiplied by 16 (docs/method.md §4)
 ADAM_BETAS = (0.0, 0.99)  # paper Table 10; 0.0 not 0 (an int/float mix fails in torch's Adam)
@@ -139,16 +139,24 @@ class GanSettings:
     r1_gamma: float = 0.0
     num_steps: int = 1                  # generator steps (--multi-step-g)
     middle_sigma: float = sampling.MIDDLE_SIGMA
+    cd_weight: float = 0.0              # extra consistency-distillation term (paper §4.4; needs `teacher`)
+    cd_distance: str = 'l2'
+    cd_scales: int = consistency.CD_NUM_SCALES
 
 
 class GanStages:
     """G main → D main → (every 16th iteration) lazy R1 on one process's micro-batches `[(real, labels), ...]`.
 
     `autocast` wraps the generator's forward (D and R1 run in float32 inside the losses); `record(stats)`
-    receives each round's detached statistics. `d_grad_in_g` exists for the benchmark's ablation only."""
+    receives each round's detached statistics. `d_grad_in_g` exists for the benchmark's ablation only.
+    With `settings.cd_weight > 0`, G main adds the CD loss against the frozen diffusion `teacher`."""
 
-    def __init__(self, G, D, opt_g, opt_d, settings, guard, world=1, autocast=None, record=lambda stats: None):
+    def __init__(self, G, D, opt_g, opt_d, settings, guard, world=1, autocast=None, record=lambda stats: None,
+                 teacher=None, lpips=None):
+        if settings.cd_weight and teacher is None:
+            raise ValueError('the consistency-distillation term (--cd-weight) needs the diffusion teacher')
         self.G, self.D, self.opt_g, self.opt_d = G, D, opt_g, opt_d
+        self.teacher, self.lpips = teacher, lpips
         self.settings, self.guard, self.world, self.record = settings, guard, world, record
         self.autocast = autocast or contextlib.nullcontext()
         self.d_params = optimizer_params(opt_d)
@@ -168,6 +176,10 @@ class GanStages:
             with self.autocast:
                 loss, stats = losses.generator_loss(self.G, self.D, torch.randn_like(real), labels, s.adv_scale,
                                                     s.loss_type, num_steps=s.num_steps, middle_sigma=s.middle_sigma)
+                if s.cd_weight:
+                    cd_loss, cd_stats = consistency.consistency_loss(self.G, self.teacher, real, labels, s.cd_distance,
+                                                                     s.cd_scales, lpips=self.lpips)
+                    loss, stats = loss + s.cd_weight * cd_loss, dict(stats, **cd_stats)
             (loss / len(batches)).backward()
             self.record(stats)
         step_optimizer(self.opt_g, 'G', self.guard, self.world)
@@ -233,4 +245,25 @@ class DiffusionStage:
             loss.backward()
             # Reported as the mean per-element loss of this micro-batch.
             self.record({'Loss/diffusion': loss.detach() * len(batches) / real[0].numel()})
+        step_optimizer(self.opt, 'G', self.guard, self.world)
+
+
+class ConsistencyStage:
+    """Consistency distillation alone (`--cd-only`, the paper's CD / CD-F of Fig. 3A): the CD loss of
+    training/consistency.py against the frozen diffusion `teacher`, accumulated over the rounds; no D."""
+
+    def __init__(self, G, opt, teacher, settings, guard, world=1, autocast=None, record=lambda stats: None,
+                 lpips=None):
+        self.G, self.opt, self.teacher, self.settings, self.guard, self.world = G, opt, teacher, settings, guard, world
+        self.autocast, self.record, self.lpips = autocast or contextlib.nullcontext(), record, lpips
+
+    def iteration(self, batches, batch_idx=None):
+        s = self.settings
+        self.opt.zero_grad(set_to_none=True)
+        for real, labels in batches:
+            with self.autocast:
+                loss, stats = consistency.consistency_loss(self.G, self.teacher, real, labels, s.cd_distance,
+                                                           s.cd_scales, lpips=self.lpips)
+            (s.cd_weight * loss / len(batches)).backward()
+            self.record(stats)
         step_optimizer(self.opt, 'G', self.guard, self.world)

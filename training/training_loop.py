@@ -22,7 +22,8 @@ from tqdm import tqdm
 import dnnlib
 from pg_modules.discriminator import ProjectedDiscriminator
 from torch_utils import distributed as dist
-from training import checkpoint, config, freeze, generator, loss as losses, run_dir as rundir, sampling, steps
+from training import (checkpoint, config, consistency, freeze, generator, loss as losses, run_dir as rundir, sampling,
+                      steps)
 from training.dataset import ImageFolderDataset
 from training.image_grid import save_image_grid
 from training.state import TrainingState
@@ -172,7 +173,7 @@ def build_training(cfg, plan, dataset, saved, device, log):
     log(freeze.freeze_table(G, [n for n, _ in trainable]))
     opt_g = steps.make_adam([p for _, p in trainable], steps.g_adam_settings(cfg.lr, gan))
     D = opt_d = None
-    if gan:
+    if gan and not cfg.cd_only:
         D = ProjectedDiscriminator(backbones=list(plan.backbones), c_dim=dataset.label_dim, pretrained=cfg.d_pretrained,
                                    weights=cfg.d_weights, interp224=cfg.interp224, diffaug=cfg.diffaug, seed=cfg.seed,
                                    embedding=cfg.d_embedding, bn_group=cfg.d_bn_group,
@@ -185,20 +186,45 @@ def build_training(cfg, plan, dataset, saved, device, log):
     if saved:
         state.load(saved)
     steps.apply_settings(opt_g, steps.g_adam_settings(cfg.lr, gan))
-    if gan:
+    if opt_d is not None:
         steps.apply_settings(opt_d, steps.d_adam_settings(cfg.dlr, cfg.r1_gamma))
     return state
 
 
-def make_stages(cfg, state, guard, device, record):
-    """The iteration's stages: GAN (G main, D main, lazy R1) or diffusion-teacher training."""
+def build_cd_teacher(cfg, saved, dataset, device, log):
+    """(teacher, lpips) of the consistency-distillation term (paper §4.4, docs/consistency.md), or (None, None):
+    the frozen diffusion model of --transfer (on resume, the one the training state records) and, for
+    --cd-distance=lpips, LPIPS built once from its weight files. Neither is part of the training state."""
+    if not cfg.cd_weight:
+        return None, None
+    source = cfg.transfer or (saved['config'].get('transfer') if saved else None)
+    if not source:
+        raise ValueError('--cd-weight/--cd-only: the training state records no --transfer; pass the diffusion '
+                         'teacher with --transfer=PKL')
+    teacher = generator.load_teacher(dataclasses.replace(cfg, transfer=source), dataset)
+    teacher.eval().requires_grad_(False).to(device)
+    lpips = None
+    if cfg.cd_distance == 'lpips':
+        lpips = consistency.LPIPS(*consistency.lpips_weight_files(cfg.lpips_vgg, cfg.lpips_lin))
+        lpips.eval().requires_grad_(False).to(device)
+    log(f'Consistency distillation: weight {cfg.cd_weight}, distance {cfg.cd_distance}, N = {cfg.cd_scales}, '
+        f'teacher {source}' + (' (no GAN term, no discriminator)' if cfg.cd_only else ''))
+    return teacher, lpips
+
+
+def make_stages(cfg, state, guard, device, record, teacher=None, lpips=None):
+    """The iteration's stages: GAN (G main [+ CD], D main, lazy R1), CD alone, or diffusion-teacher training."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == 'bf16')
     world = dist.world_size()
     if cfg.loss != 'd2o':
         return steps.DiffusionStage(state.G, state.opt_G, DIFFUSION_LOSSES[cfg.loss](), guard, world, autocast, record)
     settings = steps.GanSettings(adv_scale=cfg.adv_scale, loss_type=cfg.loss_type, r1_gamma=cfg.r1_gamma,
-                                 num_steps=cfg.multi_step_g, middle_sigma=cfg.middle_sigma)
-    return steps.GanStages(state.G, state.D, state.opt_G, state.opt_D, settings, guard, world, autocast, record)
+                                 num_steps=cfg.multi_step_g, middle_sigma=cfg.middle_sigma, cd_weight=cfg.cd_weight,
+                                 cd_distance=cfg.cd_distance, cd_scales=cfg.cd_scales)
+    if cfg.cd_only:
+        return steps.ConsistencyStage(state.G, state.opt_G, teacher, settings, guard, world, autocast, record, lpips)
+    return steps.GanStages(state.G, state.D, state.opt_G, state.opt_D, settings, guard, world, autocast, record,
+                           teacher=teacher, lpips=lpips)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +392,7 @@ def run(cfg):
             f'label_dim {dataset.label_dim}')
         log(f'Processes: {world}, batch {cfg.batch} = {cfg.batch_gpu} per process x {plan.rounds} rounds x {world}')
         state = build_training(cfg, plan, dataset, saved, device, log)
+        teacher, lpips = build_cd_teacher(cfg, saved, dataset, device, log)
         if saved:
             log(f'Resumed from {resume_path} at {state.cur_nimg / 1000:.3f} kimg')
         outputs = RunOutputs(cfg, plan, run_dir, dataset, state, device, log, last_state=resume_path)
@@ -385,9 +412,11 @@ def run(cfg):
         if saved:
             state.load_rng(saved, rank)
         reporter = TickReporter(state, plan.total_nimg, device, guard, disable=rank != 0)
-        stages = make_stages(cfg, state, guard, device, reporter.stats.add)
+        stages = make_stages(cfg, state, guard, device, reporter.stats.add, teacher, lpips)
 
-        log(f'Training for {plan.total_nimg / 1000:g} kimg ({"D2O" if gan else cfg.loss.upper() + " diffusion"}) ...')
+        objective = ('CD' if cfg.cd_only else 'D2O + CD' if cfg.cd_weight else 'D2O') if gan else \
+            cfg.loss.upper() + ' diffusion'
+        log(f'Training for {plan.total_nimg / 1000:g} kimg ({objective}) ...')
         done = state.cur_nimg >= plan.total_nimg
         first_tick = saved is None
         while not done:
