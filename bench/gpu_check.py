@@ -53,11 +53,12 @@ import dnnlib
 from bench import common
 from torch_utils import distributed as dist
 from training import freeze, generator, loss as losses, networks, steps
+from training.sampling import SIGMA_MAX
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_IMG_S_PER_GPU = 5e6 / (6 * 3600) / 8  # 5 Mimg in 6 h on 8×A100 (issue 18): ≈ 28.9 img/s per GPU
 DEIT, LITE0, VGG = 'deit_base_distilled_patch16_224', 'tf_efficientnet_lite0', 'vgg16_bn'
-FLOAT32_MODULES = re.compile(r'(^|\.)(map_\w+|affine)$')  # mapping network and per-block affine (method §9)
+FLOAT32_MODULES = re.compile(r'(^|\.)(map_\w+|affine)$')  # mapping network and per-block affine (docs/method.md §9)
 LOWERED_MODULES = re.compile(r'(^|\.)conv[01]$')  # U-Net block convolutions: bfloat16 under autocast
 
 # ----------------------------------------------------------------------------------------------
@@ -390,13 +391,13 @@ def bf16_forward_backward(G, x, sigma, labels, device):
 
 
 def check_bf16_generator(ctx):
-    """bf16 G with float32 mapping/affine (method §9), on NCSN++ and ADM, against the float32 forward."""
+    """bf16 G with float32 mapping/affine (docs/method.md §9), on NCSN++ and ADM, against the float32 forward."""
     numbers = {}
     for arch, (cbase, cres, blocks, res, label_dim) in ctx.scale.small_g.items():
         torch.manual_seed(0)
         G = randomize_zero_init_(make_generator(arch, res, label_dim, True, cbase, cres, blocks)).to(ctx.device)
         x, labels = fake_batch(ctx.scale.batch, res, label_dim, ctx.device)
-        x, sigma = x * 80, torch.full([ctx.scale.batch, 1, 1, 1], 80.0, device=ctx.device)
+        x, sigma = x * SIGMA_MAX, torch.full([ctx.scale.batch, 1, 1, 1], SIGMA_MAX, device=ctx.device)
         out, float32_seen, lowered_seen, grads = bf16_forward_backward(G, x, sigma, labels, ctx.device)
         with torch.no_grad():
             reference = G(x, sigma, class_labels=labels, force_fp32=True)
@@ -434,13 +435,13 @@ def small_rig(ctx, freeze_level=0):
 
 
 def check_fp32_discriminator(ctx):
-    """D (feature networks and mini-discriminators) runs in float32 inside G's bf16 autocast (method §9)."""
+    """D (feature networks and mini-discriminators) runs in float32 inside G's bf16 autocast (docs/method.md §9)."""
     stages, batches = small_rig(ctx)
     seen = {}
     hooks = dtype_hooks(stages.D, re.compile(r'.'), seen)
     real, labels = batches[0]
     with torch.no_grad():
-        fake = stages.G(torch.randn_like(real) * 80, torch.full([len(real), 1, 1, 1], 80.0, device=ctx.device))
+        fake = stages.G(torch.randn_like(real) * SIGMA_MAX, torch.full([len(real), 1, 1, 1], SIGMA_MAX, device=ctx.device))
         # eval: in training mode spectral norm advances its power iteration (and BatchNorm its running
         # statistics) at every forward, so two calls would not see the same weights.
         stages.D.eval()

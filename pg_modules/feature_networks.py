@@ -1,4 +1,4 @@
-"""Frozen feature networks of the Projected-GAN discriminator (d2o-method.md §10, offline-weights.md §1.6).
+"""Frozen feature networks of the Projected-GAN discriminator (docs/method.md §10, docs/offline-weights.md §1.6).
 
 Each `FeatureNetwork` maps images in [−1, 1] at dataset resolution to 4 projected feature maps:
 DiffAugment (optional) → (x+1)/2 → per-network normalisation → bilinear resize to 224 → backbone stages →
@@ -153,7 +153,7 @@ def _tf_efficientnet_lite0(state, generator, **kwargs):
     → 24, 40, 112, 320 channels at 1/4 … 1/32. (timm ≥ 0.9: bn1 already applies the ReLU6; there is no act1.)"""
     net = timm.create_model('tf_efficientnet_lite0', **kwargs)
     # The converted weights are only right for the TF variant (TF-SAME padding, BN eps 1e-3); timm's
-    # `efficientnet_lite0` accepts the same keys but differs by up to 3 in logits (offline-weights.md §1.3).
+    # `efficientnet_lite0` accepts the same keys but differs by up to 3 in logits (docs/offline-weights.md §1.3).
     if not (isinstance(net.conv_stem, timm.layers.Conv2dSame) and net.bn1.eps == 1e-3):
         raise RuntimeError('timm tf_efficientnet_lite0 is no longer the TF variant (Conv2dSame stem, BN eps 1e-3); '
                            'the EfficientNet-Lite0 weights would be wrong in it')

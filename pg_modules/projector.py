@@ -1,4 +1,4 @@
-"""Random, frozen Projected-GAN projection: CCM + CSM (d2o-method.md §10).
+"""Random, frozen Projected-GAN projection: CCM + CSM (docs/method.md §10).
 
 The official draws these weights from each rank's own global RNG, so every GPU had different projections
 (defect 12.5). Here they come from a caller-owned torch.Generator: same seed → identical weights on every rank

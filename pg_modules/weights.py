@@ -1,4 +1,4 @@
-"""Pretrained ImageNet weights for the frozen feature networks of the discriminator (offline-weights.md §1, §4).
+"""Pretrained ImageNet weights for the frozen feature networks of the discriminator (docs/offline-weights.md §1, §4).
 
 `load_pretrained(name, weights, log)` tries, in order, logging every step:
   1. an explicit file: `weights={name: path}`, or a folder (`weights=DIR`, then $D2O_WEIGHTS_DIR) holding
@@ -64,7 +64,7 @@ def read_state_dict(path, name):
 
 
 def lite0_lukemelas_to_timm(state):
-    """Rename lukemelas-style EfficientNet-Lite0 keys to timm tf_efficientnet_lite0 keys (offline-weights.md §1.2)."""
+    """Rename lukemelas-style EfficientNet-Lite0 keys to timm tf_efficientnet_lite0 keys (docs/offline-weights.md §1.2)."""
     stage_index = [(s, i) for s, depth in enumerate(LITE0_STAGE_DEPTHS) for i in range(depth)]
     top = {'_conv_stem': 'conv_stem', '_bn0': 'bn1', '_conv_head': 'conv_head', '_bn1': 'bn2', '_fc': 'classifier'}
     in_block0 = {'_depthwise_conv': 'conv_dw', '_bn1': 'bn1', '_project_conv': 'conv_pw', '_bn2': 'bn2'}

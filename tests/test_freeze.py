@@ -12,7 +12,7 @@ DDPMPP = dict(NCSNPP, embedding_type='positional', encoder_type='standard', chan
               resample_filter=[1, 1])
 ADM = dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4])
 
-# (resolution, label_dim, U-Net kwargs) -> (#params, frozen % at levels 1/2/3), d2o-method.md §3 / edm-networks §4.
+# (resolution, label_dim, U-Net kwargs) -> (#params, frozen % at levels 1/2/3), docs/method.md §3 / docs/edm-networks.md §4.
 FULL_SIZE = {
     'ncsnpp-cifar10-uncond': ((32, 0, NCSNPP), 56_395_523, (84.40, 86.50, 90.46)),
     'ddpmpp-cifar10-uncond': ((32, 0, DDPMPP), 55_732_739, (85.40, 87.53, 91.54)),
@@ -30,11 +30,11 @@ def full_size():
     return nets
 
 
-OFFICIAL_LISTS = {1: ['conv', 'proj'], 2: ['conv', 'proj', 'qkv'], 3: ['conv', 'proj', 'qkv', 'skip']}  # §2
+OFFICIAL_LISTS = {1: ['conv', 'proj'], 2: ['conv', 'proj', 'qkv'], 3: ['conv', 'proj', 'qkv', 'skip']}  # docs/method.md §2
 
 
 def official_frozen(name, level, loss_rule=False):
-    """The official substring tests (d2o-method §3): optimizer setup, or the per-step loss rule."""
+    """The official substring tests (docs/method.md §3): optimizer setup, or the per-step loss rule."""
     entries = OFFICIAL_LISTS[level]
     where = ['block', 'in'] if loss_rule else ['block', 'up', 'down', 'in']
     return any(w in name for w in where) and any(e in name for e in entries)
@@ -61,7 +61,7 @@ def test_frozen_shares_match_official(full_size, name):
 
 def test_loss_rule_missed_up_down_blocks(full_size):
     """The official loss rule (no `up`/`down`) leaves up/down blocks' convs trainable-but-unapplied; ours
-    freezes them, as the optimizer rule did (§3: loss rule alone freezes 76.0/78.1/81.6 %)."""
+    freezes them, as the optimizer rule did (docs/method.md §3: loss rule alone freezes 76.0/78.1/81.6 %)."""
     net = full_size['ncsnpp-cifar10-uncond']
     total = sum(p.numel() for p in net.parameters())
     for level, share in zip((1, 2, 3), (76.0, 78.1, 81.6)):

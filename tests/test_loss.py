@@ -97,7 +97,7 @@ def test_generator_loss_values(loss_type, monkeypatch):
 
 
 def test_adv_scale_reproduces_official_row_list():
-    """§6: the official D returns 2·B_gpu rows (`list += tensor`); its loss Σ_rows mean f(row) equals
+    """docs/method.md §6: the official D returns 2·B_gpu rows (`list += tensor`); its loss Σ_rows mean f(row) equals
     adv_scale · Σ_k mean f(ℓ_k) with adv_scale = the per-GPU batch (global batch / GPUs)."""
     assert loss.official_adv_scale(256, 8) == 32 and loss.official_adv_scale(512, 8) == 64
     assert loss.official_adv_scale(256, 4) == 64

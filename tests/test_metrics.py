@@ -279,7 +279,7 @@ def test_network_loads_fid_helper_weights_and_matches_its_torchscript():
     net = metrics.load_detector(FID_HELPER)  # strict load of the tensors read from the TorchScript zip
     state = net.state_dict()
     digest = hashlib.sha256()
-    for name in sorted(state):  # content fingerprint from offline-weights.md §2.4
+    for name in sorted(state):  # content fingerprint from docs/offline-weights.md §2.4
         digest.update(name.encode())
         digest.update(state[name].numpy().astype('<f4').tobytes())
     assert len(state) == 376 and digest.hexdigest() == '53d051033cabe3af69324dd69f4a1ac9f3168b350493db0a68db70234b9a63ad'

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from training import networks
+from training.sampling import SIGMA_MAX
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / 'shared' / 'fixtures' / 'checkpoints'
 
@@ -35,7 +36,7 @@ def perturbed(net, seed=0):
     return net.eval()
 
 
-# edm-networks §4 "Parameter totals"
+# docs/edm-networks.md §4 "Parameter totals"
 @pytest.mark.parametrize('cls, kwargs, expected', [
     (networks.EDMPrecond, dict(label_dim=10, augment_dim=9, **CIFAR, **DDPMPP), 55_735_299),
     (networks.EDMPrecond, dict(label_dim=10, augment_dim=9, **CIFAR, **NCSNPP), 56_400_643),
@@ -52,7 +53,7 @@ def test_full_size_parameter_totals_on_meta(cls, kwargs, expected):
 
 
 def test_full_size_key_names():
-    # edm-networks §3.4 concrete keys (CIFAR NCSN++).
+    # docs/edm-networks.md §3.4 concrete keys (CIFAR NCSN++).
     sd = build_on_meta(networks.EDMPrecond, label_dim=10, augment_dim=9, **CIFAR, **NCSNPP).state_dict()
     assert sd['model.enc.16x16_block0.qkv.weight'].shape == (768, 256, 1, 1)
     assert sd['model.dec.32x32_aux_conv.weight'].shape == (3, 256, 3, 3)
@@ -125,8 +126,8 @@ def test_d2o_scalings_and_consistency_boundary():
 def test_d2o_accepts_sigma_next_and_ignores_it():
     torch.manual_seed(1)
     net = perturbed(networks.D2OPrecond(**TINY_NCSNPP))
-    x = torch.randn(2, 3, 16, 16) * networks.D2O_SIGMA_MAX
-    sigma = torch.full([2, 1, 1, 1], networks.D2O_SIGMA_MAX, dtype=torch.float64)
+    x = torch.randn(2, 3, 16, 16) * SIGMA_MAX
+    sigma = torch.full([2, 1, 1, 1], SIGMA_MAX, dtype=torch.float64)
     one_step = net(x, sigma, class_labels=None, augment_labels=None)
     two_step_call = net(x, sigma, torch.full_like(sigma, 2.5), class_labels=None, augment_labels=None)
     assert torch.equal(one_step, two_step_call) and one_step.dtype == torch.float32
@@ -223,7 +224,7 @@ def _mapping_and_affine_outputs(net, x, sigma, labels):
 
 @pytest.mark.parametrize('kwargs', [TINY_NCSNPP, TINY_ADM], ids=['ncsnpp', 'adm'])
 def test_mapping_and_affine_stay_float32_under_bf16_autocast(kwargs):
-    # Official networks keep the noise/class embedding and its per-block projections in float32 (d2o-method §9).
+    # Official networks keep the noise/class embedding and its per-block projections in float32 (docs/method.md §9).
     torch.manual_seed(7)
     net = perturbed(networks.D2OPrecond(**kwargs, label_dim=4))
     x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([80.0, 0.5]), torch.eye(4)[[1, 3]]

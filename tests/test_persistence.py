@@ -1,4 +1,4 @@
-"""torch_utils/persistence.py: our networks pickle in EDM's persistence format (checkpoint-format §2)."""
+"""torch_utils/persistence.py: our networks pickle in EDM's persistence format (docs/checkpoint-format.md §2)."""
 import copy
 import io
 import pickle

@@ -52,7 +52,7 @@ def test_vgg_and_lite0_logit_widths():
     with torch.no_grad():
         feats = d.features(images(batch=1))
         logits = d.score(feats)
-    # vgg projections at 224, 112, 56, 28 → 11×11 per mini-disc; lite0 at 112 … 14 → 4×4 (spec §10).
+    # vgg projections at 224, 112, 56, 28 → 11×11 per mini-disc; lite0 at 112 … 14 → 4×4 (docs/method.md §10).
     assert [[tuple(f.shape[1:]) for f in fs] for fs in feats] == [
         [(64, 224, 224), (64, 112, 112), (128, 56, 56), (256, 28, 28)],
         [(64, 112, 112), (64, 56, 56), (128, 28, 28), (256, 14, 14)]]
@@ -69,7 +69,7 @@ def test_deit_readouts_and_logits():
 
 def test_parameter_counts(lite0_d):
     count = lambda d: sum(p.numel() for p in d.trainable_parameters())  # noqa: E731
-    assert count(lite0_d) == 10_331_328  # spec §10: ~10.33M per backbone
+    assert count(lite0_d) == 10_331_328  # docs/method.md §10: ~10.33M per backbone
     cond = random_d(c_dim=10, embedding='random')
     assert count(cond) == 13_757_888  # ~13.76M with cls / Embedding(1000, 320) / embed_proj per mini-disc
     two = random_d(backbones=['vgg16_bn', LITE0])

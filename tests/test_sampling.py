@@ -101,7 +101,7 @@ def test_stochastic_heun_noise_is_per_seed():
 
 
 #----------------------------------------------------------------------------
-# Generator schedule (d2o-method §7).
+# Generator schedule (docs/method.md §7).
 
 def test_cut_sigma_and_generator_sigmas():
     assert cut_sigma(1) == pytest.approx(80, rel=1e-12) and cut_sigma(0) == pytest.approx(0.002, rel=1e-12)

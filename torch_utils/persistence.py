@@ -15,7 +15,7 @@ import sys
 import types
 import uuid
 
-FORMAT_VERSION = 6  # EDM's reconstruct asserts this exact number (§2.1)
+FORMAT_VERSION = 6  # EDM's reconstruct asserts this exact number (docs/checkpoint-format.md §2.1)
 
 _persistent_classes = set()
 _module_to_src = {}  # module object -> its source text
@@ -45,7 +45,7 @@ def persistent_class(orig_class):
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            # The constructor record lets any loader rebuild the architecture (§2.2).
+            # The constructor record lets any loader rebuild the architecture (docs/checkpoint-format.md §2.2).
             self._init_args = copy.deepcopy(args)
             self._init_kwargs = copy.deepcopy(kwargs)
 
@@ -80,7 +80,7 @@ def _src_to_module_or_exec(src):
 
 
 def _reconstruct_persistent_obj(meta):
-    """EDM semantics (§2.4): exec `meta['module_src']`, allocate `class_name` without running its
+    """EDM semantics (docs/checkpoint-format.md §2.4): exec `meta['module_src']`, allocate `class_name` without running its
     constructor and restore the instance dict. UNSAFE for untrusted files."""
     if meta.get('type') != 'class' or meta.get('version') != FORMAT_VERSION:
         raise ValueError(f'Unsupported persistent object: type={meta.get("type")!r} version={meta.get("version")!r} '

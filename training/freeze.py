@@ -7,10 +7,10 @@ pattern is an error. Inside every U-Net block (`enc`/`dec` entries `{R}x{R}_bloc
 (the mapping network `map_*`) and `stem` (the U-Net's input/output layers: enc `_conv`/`_aux_*`,
 dec `_aux_norm`/`_aux_conv`, ADM `out_norm`/`out_conv`).
 
-The levels reproduce the parameter sets the official optimizer setup freezes (d2o-method.md §3): its
+The levels reproduce the parameter sets the official optimizer setup freezes (docs/method.md §3): its
 substring test ("block/up/down/in" and "conv/proj/qkv/skip") hits exactly conv0/conv1/proj, qkv and
 skip inside blocks. One rule drives both the optimizer list and requires_grad, fixing the official
-mismatch where the loss forgot `_up`/`_down` blocks (§12.6).
+mismatch where the loss forgot `_up`/`_down` blocks (docs/method.md §12.6).
 """
 import re
 

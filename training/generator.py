@@ -29,7 +29,7 @@ PRECONDS = {'d2o': networks.D2OPrecond, 'edm': networks.EDMPrecond, 'vp': networ
 
 # Teacher preconditioner kwargs with no meaning for D2OPrecond (noise schedules of VP/VE/iDDPM, σ range).
 _TEACHER_ONLY_KWARGS = ('beta_d', 'beta_min', 'M', 'epsilon_t', 'C_1', 'C_2', 'sigma_min', 'sigma_max')
-_DROPPED_ON_TRANSFER = re.compile(r'(^|\.)map_augment\.')  # D2O generators have no augmentation map (§4)
+_DROPPED_ON_TRANSFER = re.compile(r'(^|\.)map_augment\.')  # D2O generators have no augmentation map (docs/method.md §4)
 
 # ----------------------------------------------------------------------------------------------
 # Architecture.

@@ -1,10 +1,10 @@
-"""Training losses: D2O's GAN stages (G main, D main, lazy R1; d2o-method.md §5–§6) and EDM's diffusion
-losses for teacher training (edm-networks.md §7).
+"""Training losses: D2O's GAN stages (G main, D main, lazy R1; docs/method.md §5–§6) and EDM's diffusion
+losses for teacher training (docs/edm-networks.md §7).
 
 Pure functions of (networks, batch) returning (loss, stats): the loop owns requires_grad toggles,
 backward, accumulation, optimizers and gradient all-reduce. Stats are detached 0-d tensors (no host
 sync here). The discriminator and its losses always run in float32, also inside the caller's autocast
-(d2o-method §9).
+(docs/method.md §9).
 
 D interface used: `D(img, c) -> [logits [B, N_k] per backbone]`, `D.features(img)` (frozen part, DiffAugment
 included when D augments) and `D.score(features, c)` (trainable part), `D.diffaug` (whether D's passes augment).
@@ -19,16 +19,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from training import sampling
 
-R1_INTERVAL = 16  # lazy R1 every 16th iteration with its loss multiplied by 16 (StyleGAN2; d2o-method §4)
-LOSS_TYPES = ('ns', 'hinge')  # `--loss-type`: non-saturating softplus or hinge (d2o-method §5)
+R1_INTERVAL = 16  # lazy R1 every 16th iteration with its loss multiplied by 16 (StyleGAN2; docs/method.md §4)
+LOSS_TYPES = ('ns', 'hinge')  # `--loss-type`: non-saturating softplus or hinge (docs/method.md §5)
 
-# f(ℓ) per stage and loss type (d2o-method §5): G on fakes; D on fakes and on reals.
+# f(ℓ) per stage and loss type (docs/method.md §5): G on fakes; D on fakes and on reals.
 _G_TERM = {'ns': lambda l: F.softplus(-l), 'hinge': lambda l: -l}
 _D_FAKE_TERM = {'ns': F.softplus, 'hinge': lambda l: F.relu(1 + l)}
 _D_REAL_TERM = {'ns': lambda l: F.softplus(-l), 'hinge': lambda l: F.relu(1 - l)}
 
 #----------------------------------------------------------------------------
-# Adversarial weighting (d2o-method §6).
+# Adversarial weighting (docs/method.md §6).
 #
 # The official D returns its logits as 2·B_gpu separate rows, so every adversarial loss is effectively
 # B_gpu · Σ_k mean_{b,j} f(ℓ_k[b,j]) (per-backbone means summed, whatever N_k), while R1 is a plain batch
@@ -65,7 +65,7 @@ def _no_autocast(device):
     return torch.autocast(device.type, enabled=False)
 
 #----------------------------------------------------------------------------
-# GAN stages (d2o-method §5).
+# GAN stages (docs/method.md §5).
 
 def generator_loss(G, D, z, labels, adv_scale, loss_type='ns', num_steps=1, middle_sigma=0.8):
     """G main: fakes G(80·z, 80) (or the k-step schedule) with gradients, scored by D.
@@ -116,7 +116,7 @@ def r1_features(D, real_img):
 
 
 def r1_penalty(D, real_img, labels, gamma, real_features=None):
-    """Lazy R1 (d2o-method §5): g = ∂(Σ all logits)/∂x on the reals x (through DiffAugment when D augments),
+    """Lazy R1 (docs/method.md §5): g = ∂(Σ all logits)/∂x on the reals x (through DiffAugment when D augments),
     loss = mean_b γ/2 · Σ_chw g².
     The graph is kept (create_graph) so that backward reaches D's weights. The loop multiplies the loss by
     R1_INTERVAL. `real_features`: r1_features(D, real_img), if already computed."""
@@ -139,7 +139,7 @@ def grads_finite(params):
     return torch.stack(torch._foreach_norm(grads, float('inf'))).isfinite().all()
 
 #----------------------------------------------------------------------------
-# EDM diffusion losses (edm-networks §7): per-element weight·(D(y + n, σ) − y)², n = σ·N(0, I); images are
+# EDM diffusion losses (docs/edm-networks.md §7): per-element weight·(D(y + n, σ) − y)², n = σ·N(0, I); images are
 # already augmented by the caller, which passes the matching augment_labels. Draws use torch's default
 # generator on the images' device.
 

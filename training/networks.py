@@ -1,5 +1,5 @@
 """EDM U-Nets (DDPM++/NCSN++ `SongUNet`, ADM `DhariwalUNet`), their building blocks and the
-preconditioning wrappers (VP, VE, iDDPM, EDM, D2O), per spec edm-networks.md.
+preconditioning wrappers (VP, VE, iDDPM, EDM, D2O), per docs/edm-networks.md.
 
 Module keys, parameter/buffer names, shapes and plain attributes equal NVlabs EDM's (and D2O's), so
 released checkpoints map onto these classes 1:1. This file's source is embedded in every snapshot and
@@ -11,11 +11,10 @@ from torch.nn.functional import silu
 
 from torch_utils import persistence
 
-D2O_SIGMA_MAX = 80      # noise level the one-step generator starts from (paper §3; d2o-method §7)
-D2O_EPSILON = 2e-3      # consistency boundary: D2OPrecond(x, σ=ε) = x (edm-networks §5)
+D2O_EPSILON = 2e-3      # consistency boundary: D2OPrecond(x, σ=ε) = x (docs/edm-networks.md §5)
 
 #----------------------------------------------------------------------------
-# Layers (edm-networks §1, §2).
+# Layers (docs/edm-networks.md §1, §2).
 
 def weight_init(shape, mode, fan_in, fan_out):
     if mode == 'xavier_uniform':
@@ -127,13 +126,13 @@ def float32_region(x):
 
 def attention_weights(q, k):
     """softmax over keys of qᵀk/sqrt(c) for q, k of shape [N, c, HW], computed in float32 also under
-    autocast (edm-networks §2.4); autograd's backward then runs in float32 too."""
+    autocast (docs/edm-networks.md §2.4); autograd's backward then runs in float32 too."""
     with torch.autocast(device_type=q.device.type, enabled=False):
         w = torch.einsum('ncq,nck->nqk', q.float(), (k / np.sqrt(k.shape[1])).float()).softmax(dim=2)
     return w.to(q.dtype)
 
 #----------------------------------------------------------------------------
-# U-Net block and noise embeddings (edm-networks §2.5–2.7).
+# U-Net block and noise embeddings (docs/edm-networks.md §2.5–2.7).
 
 @persistence.persistent_class
 class UNetBlock(torch.nn.Module):
@@ -180,7 +179,7 @@ class UNetBlock(torch.nn.Module):
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
 
         if self.num_heads:
-            # qkv channels are interleaved per head as [c, (q, k, v)] (edm-networks §2.5 step 5).
+            # qkv channels are interleaved per head as [c, (q, k, v)] (docs/edm-networks.md §2.5 step 5).
             q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0] * self.num_heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
             w = attention_weights(q, k)
             a = torch.einsum('nqk,nck->ncq', w, v)
@@ -221,7 +220,7 @@ def _drop_labels(class_labels, batch_size, p):
     return class_labels * keep.to(class_labels.dtype)
 
 #----------------------------------------------------------------------------
-# SongUNet: DDPM++ / NCSN++ (edm-networks §3).
+# SongUNet: DDPM++ / NCSN++ (docs/edm-networks.md §3).
 
 @persistence.persistent_class
 class SongUNet(torch.nn.Module):
@@ -346,7 +345,7 @@ class SongUNet(torch.nn.Module):
         return aux
 
 #----------------------------------------------------------------------------
-# DhariwalUNet: ADM (edm-networks §4).
+# DhariwalUNet: ADM (docs/edm-networks.md §4).
 
 @persistence.persistent_class
 class DhariwalUNet(torch.nn.Module):
@@ -429,7 +428,7 @@ class DhariwalUNet(torch.nn.Module):
         return self.out_conv(silu(self.out_norm(x)))
 
 #----------------------------------------------------------------------------
-# Preconditioning wrappers (edm-networks §5): D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise).
+# Preconditioning wrappers (docs/edm-networks.md §5): D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise).
 
 _MODEL_TYPES = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
 
@@ -542,7 +541,7 @@ class iDDPMPrecond(Preconditioner):
 
 def edm_scalings(sigma, sigma_data, eps=0):
     """EDM's c_skip, c_out, c_in, c_noise; D2O shifts σ by ε in c_skip and c_out so that c_skip(ε) = 1 and
-    c_out(ε) = 0 (edm-networks §5)."""
+    c_out(ε) = 0 (docs/edm-networks.md §5)."""
     c_skip = sigma_data ** 2 / ((sigma - eps) ** 2 + sigma_data ** 2)
     c_out = (sigma - eps) * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
     c_in = 1 / (sigma_data ** 2 + sigma ** 2).sqrt()
@@ -551,7 +550,7 @@ def edm_scalings(sigma, sigma_data, eps=0):
 
 @persistence.persistent_class
 class EDMPrecond(Preconditioner):
-    half_dtype = torch.bfloat16  # D2O runs EDM/D2O wrappers in bfloat16 (d2o-method §9)
+    half_dtype = torch.bfloat16  # D2O runs EDM/D2O wrappers in bfloat16 (docs/method.md §9)
 
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0, sigma_max=float('inf'),
                  sigma_data=0.5, model_type='DhariwalUNet', **model_kwargs):
@@ -566,8 +565,8 @@ class EDMPrecond(Preconditioner):
 
 @persistence.persistent_class
 class D2OPrecond(Preconditioner):
-    """EDM scalings shifted so that D(x; ε) = x exactly (consistency boundary, edm-networks §5)."""
-    half_dtype = torch.bfloat16  # d2o-method §9
+    """EDM scalings shifted so that D(x; ε) = x exactly (consistency boundary, docs/edm-networks.md §5)."""
+    half_dtype = torch.bfloat16  # docs/method.md §9
 
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0, sigma_max=float('inf'),
                  sigma_data=0.5, model_type='DhariwalUNet', **model_kwargs):
@@ -583,8 +582,8 @@ class D2OPrecond(Preconditioner):
 
     def forward(self, x, sigma, sigma_next=None, class_labels=None, augment_labels=None, force_fp32=False, **model_kwargs):
         # sigma_next is accepted so k-step generators can call G(x, σ, σ_next, ...) (the released class raises
-        # TypeError there) and ignored: the output stays an x0 estimate (edm-networks §5). x is cast to float32
-        # like EDM (the released class kept float64, d2o-method §12.13).
+        # TypeError there) and ignored: the output stays an x0 estimate (docs/edm-networks.md §5). x is cast to float32
+        # like EDM (the released class kept float64, docs/method.md §12.13).
         if sigma_next is not None and torch.as_tensor(sigma_next).numel() not in (1, x.shape[0]):
             raise ValueError(f'D2OPrecond: sigma_next has shape {tuple(torch.as_tensor(sigma_next).shape)}, expected one '
                              f'noise level per sample; pass class_labels by keyword (the 3rd positional is sigma_next)')
