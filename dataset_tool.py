@@ -28,7 +28,7 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from dnnlib import atomic_write
+from dnnlib import atomic_write, debug_requested
 from torch_utils import safe_pickle
 from training.dataset import decode_image, is_image_file, labels_to_array, parse_label_pairs
 from training.synth import synth_image
@@ -373,7 +373,7 @@ class _Cli(click.Group):
                                                                                       file=sys.stderr)
                 return super().invoke(ctx)
         except EXPECTED_ERRORS as err:
-            if ctx.params.get('debug') or os.environ.get('D2O_DEBUG', '0') not in ('', '0'):
+            if ctx.params.get('debug') or debug_requested():
                 raise
             raise click.ClickException(str(err) or err.__class__.__name__) from None
 

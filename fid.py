@@ -185,7 +185,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, OSError, RuntimeError, zipfile.BadZipFile) as err:
-            if debug or os.environ.get('D2O_DEBUG', '') not in ('', '0'):
+            if debug or util.debug_requested():
                 raise
             if dist.rank() != 0:
                 raise SystemExit(1) from None

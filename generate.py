@@ -17,7 +17,7 @@ import PIL.Image
 import torch
 import tqdm
 
-from dnnlib.util import atomic_write, parse_int_list
+from dnnlib.util import atomic_write, debug_requested, parse_int_list
 from torch_utils import distributed as dist
 from training.checkpoint import load_network
 from training.image_grid import save_image_grid
@@ -44,7 +44,7 @@ class OneLineErrors(click.Command):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)
-        debug = '--debug' in args or os.environ.get('D2O_DEBUG', '') not in ('', '0')
+        debug = debug_requested(args)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             return result if not standalone_mode else sys.exit(result or 0)

@@ -9,7 +9,6 @@ Without --preset the defaults are the CIFAR-10 D2O-F recipe (paper Table 10) exc
 explicit options override the preset's values. Expected failures print one line and exit with status 1
 (--debug or D2O_DEBUG=1 shows the traceback); after SIGINT/SIGTERM the state is saved and the exit status is
 128 + the signal number (130, 143). See README.md for the recipes and resuming."""
-import os
 import pickle
 import sys
 import zipfile
@@ -152,7 +151,7 @@ def main(dry_run, debug, **opts):
 def cli(args=None):
     """Runs `main`; turns expected failures into one line and exit status 1, a signal into 128 + signum."""
     args = sys.argv[1:] if args is None else args
-    debug = '--debug' in args or os.environ.get('D2O_DEBUG', '') not in ('', '0')
+    debug = dnnlib.debug_requested(args)
     try:
         main.main(args=args, prog_name='train.py', standalone_mode=False)
     except click.exceptions.Exit as err:

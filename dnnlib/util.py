@@ -48,6 +48,12 @@ def atomic_write(path, mode='wb'):
         raise
 
 
+def debug_requested(args=()):
+    """Whether a CLI shows tracebacks of expected failures: `--debug` among `args`, or D2O_DEBUG set to
+    anything but '' or '0'. Every CLI prints expected failures as one line otherwise."""
+    return '--debug' in args or os.environ.get('D2O_DEBUG', '') not in ('', '0')
+
+
 def make_cache_dir_path(*paths):
     """Download cache root: $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib (EDM's layout)."""
     root = os.environ.get('DNNLIB_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'dnnlib')

@@ -16,7 +16,7 @@ import zipfile
 import click
 import torch
 
-from dnnlib.util import atomic_write, parse_int_list
+from dnnlib.util import atomic_write, debug_requested, parse_int_list
 from training.analysis import frequency, plots, teacher_student
 from training.checkpoint import load_network
 from training.sampling import RHO, SIGMA_MAX, SIGMA_MIN, seeded_latents
@@ -29,7 +29,7 @@ class OneLineErrors(click.Group):
 
     def main(self, args=None, **extra):
         args = list(sys.argv[1:] if args is None else args)
-        debug = '--debug' in args or os.environ.get('D2O_DEBUG', '') not in ('', '0')
+        debug = debug_requested(args)
         args = [a for a in args if a != '--debug']
         try:
             super().main(args, standalone_mode=False, **extra)
