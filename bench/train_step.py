@@ -11,40 +11,35 @@ Every measured iteration runs a plain iteration (G main, D main) and then the R1
     iter_s     = G + D + r1_extra / 16 (lazy R1 every 16 iterations).
 
 Toggles that undo one optimisation each (for BENCHMARKS.md): --d-grad-in-g, --no-adam-foreach,
---plain-grouped-convs, --d-channels-last (a candidate, not in the code), --compile (G under torch.compile).
+--plain-grouped-convs, --no-fold-bn (the feature networks' eval-mode BatchNorm run as BatchNorm instead of
+folded into their convs: pg_modules/feature_networks.py fold_batchnorm_), --d-channels-last (a candidate, not
+in the code), --compile (G under torch.compile).
 
     python -m bench.train_step --cbase=128 --cres=2,2,2 --freeze=1
 """
 import copy
 
 import click
-import timm
 import torch
 
 import dnnlib
 from bench import common
 from pg_modules.discriminator import ProjectedDiscriminator
-from pg_modules.feature_networks import FrozenGroupedConv2d
+from pg_modules.feature_networks import FrozenConv2d, FrozenGroupedConv2d, unfold_batchnorm_
 from training import config, freeze, generator, networks, steps
 
 def restore_aten_grouped_convs_(D):
-    """Undo pg_modules' FrozenGroupedConv2d: plain (TF-SAME) grouped convs on the same weights, whose double
-    backward is ATen's per-group loop. For measuring what that replacement saves in R1."""
+    """Undo pg_modules' FrozenGroupedConv2d: plain FrozenConv2d (F.conv2d, TF-SAME padding, the same folded
+    BatchNorm if any) on the same weights, whose double backward is ATen's per-group loop. For measuring what
+    that replacement saves in R1."""
     for name, module in list(D.named_modules()):
         if isinstance(module, FrozenGroupedConv2d):
-            out_channels, in_per_group, *kernel = module.weight.shape
-            cls = timm.layers.Conv2dSame if module.tf_same else torch.nn.Conv2d
-            conv = cls(in_per_group * module.groups, out_channels, kernel, module.stride,
-                       0 if module.tf_same else module.padding, module.dilation, module.groups,
-                       bias=module.bias is not None)
-            conv.weight, conv.bias = module.weight, module.bias
-            parent, _, child = name.rpartition('.')
-            setattr(D.get_submodule(parent), child, conv)
+            D.set_submodule(name, FrozenConv2d(module))
     return D
 
 
 def build(arch, cbase, cres, blocks, res, backbones, freeze_level, r1_gamma, device, adam_foreach=True,
-          plain_grouped_convs=False, d_channels_last=False):
+          plain_grouped_convs=False, d_channels_last=False, fold_bn=True):
     """G (NCSN++/DDPM++ with the loop's arch_kwargs), its EMA, D, and both optimizers as the loop sets them up."""
     torch.manual_seed(0)
     kwargs = generator.arch_kwargs(dnnlib.EasyDict(arch=arch, cbase=cbase, cres=cres))
@@ -55,6 +50,8 @@ def build(arch, cbase, cres, blocks, res, backbones, freeze_level, r1_gamma, dev
     g_params = [p for _, p in freeze.select_trainable(G, level=freeze_level)]
     opt_g = steps.make_adam(g_params, steps.g_adam_settings(1e-4), foreach=adam_foreach)
     D = ProjectedDiscriminator(backbones=backbones, c_dim=0, pretrained=False, seed=0, log=lambda *_: None)
+    if not fold_bn:
+        unfold_batchnorm_(D)
     if plain_grouped_convs:
         restore_aten_grouped_convs_(D)
     D.train().to(device)
@@ -66,16 +63,17 @@ def build(arch, cbase, cres, blocks, res, backbones, freeze_level, r1_gamma, dev
 
 def measure(arch='ncsnpp', cbase=128, cres=(2, 2, 2), blocks=4, res=32, batch=8, backbones=('tf_efficientnet_lite0',),
             freeze_level=0, precision='fp32', r1_gamma=1e-4, iters=5, warmup=2, threads=2, device='cpu',
-            d_grad_in_g=False, adam_foreach=True, plain_grouped_convs=False, d_channels_last=False, compile=False):
+            d_grad_in_g=False, adam_foreach=True, plain_grouped_convs=False, d_channels_last=False, compile=False,
+            fold_bn=True):
     config_record = dict(arch=arch, cbase=cbase, cres=list(cres), blocks=blocks, res=res, batch=batch,
                          backbones=list(backbones), freeze=freeze_level, precision=precision, r1_gamma=r1_gamma,
                          iters=iters, warmup=warmup, threads=threads, device=str(device), d_grad_in_g=d_grad_in_g,
                          adam_foreach=adam_foreach, plain_grouped_convs=plain_grouped_convs,
-                         d_channels_last=d_channels_last, compile=compile)
+                         d_channels_last=d_channels_last, compile=compile, fold_bn=fold_bn)
     device = common.setup(threads, device)
     load_before = common.loadavg()
     G, ema, opt_g, D, opt_d = build(arch, cbase, cres, blocks, res, list(backbones), freeze_level, r1_gamma, device,
-                                    adam_foreach, plain_grouped_convs, d_channels_last)
+                                    adam_foreach, plain_grouped_convs, d_channels_last, fold_bn)
     G_call = torch.compile(G) if compile else G  # same parameters; only the forward is compiled
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
     settings = steps.GanSettings(adv_scale=batch / config.PAPER_NUM_GPUS, r1_gamma=r1_gamma)
@@ -139,6 +137,8 @@ def table(r):
 @click.option('--d-grad-in-g', is_flag=True, help="Ablation: leave D's params requiring grad in G main")
 @click.option('--adam-foreach/--no-adam-foreach', default=True, show_default=True)
 @click.option('--plain-grouped-convs', is_flag=True, help='Ablation: ATen grouped convs in D (slow R1)')
+@click.option('--fold-bn/--no-fold-bn', default=True, show_default=True,
+              help="Ablation off: D's frozen BatchNorm computed on its own, not folded into the convs")
 @click.option('--d-channels-last', is_flag=True, help="Candidate: D's feature nets in channels_last")
 @click.option('--compile', is_flag=True, help='torch.compile the generator forward')
 def main(cres, backbones, **kwargs):
