@@ -138,7 +138,7 @@ def table(r):
 @click.option('--adam-foreach/--no-adam-foreach', default=True, show_default=True)
 @click.option('--plain-grouped-convs', is_flag=True, help='Ablation: ATen grouped convs in D (slow R1)')
 @click.option('--fold-bn/--no-fold-bn', default=True, show_default=True,
-              help="Ablation off: D's frozen BatchNorm computed on its own, not folded into the convs")
+              help="Fold D's frozen eval-mode BatchNorm into its convs (--no-fold-bn: run it as BatchNorm)")
 @click.option('--d-channels-last', is_flag=True, help="Candidate: D's feature nets in channels_last")
 @click.option('--compile', is_flag=True, help='torch.compile the generator forward')
 def main(cres, backbones, **kwargs):
