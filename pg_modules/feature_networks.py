@@ -154,13 +154,14 @@ def _replace_grouped_convs_(net):
 
 # BatchNorm types folded, and what each applies after normalising (timm's BatchNormAct2d: drop, then act).
 _AFTER_NORMALISATION = {nn.BatchNorm2d: (), timm.layers.BatchNormAct2d: ('drop', 'act')}
+# Exact types (compared with `type(m) in`): a subclass may compute something else.
 _FOLDABLE_CONVS = (nn.Conv2d, timm.layers.Conv2dSame, FrozenConv2d, FrozenGroupedConv2d)
 
 
 class BatchNormFold:
     """(weight, bias) of conv ∘ eval-mode BN for a conv's current weight and bias and `bn`'s current tensors.
     Cached; recomputed when any source tensor is replaced (load_state_dict(assign=True), .to(), ...) or changed
-    in place (load_state_dict copies, optimiser steps): the cache key holds each tensor's address and version
+    in place (load_state_dict's copies, any in-place edit): the cache key holds each tensor's address and version
     counter, and the cache pins the source storages so that no other tensor can take over a cached address."""
 
     def __init__(self, bn):
@@ -297,7 +298,8 @@ def conv_bn_pairs(net, example):
 
 
 def fold_batchnorm_(net, example):
-    """Fold every eval-mode BatchNorm of the frozen `net` that conv_bn_pairs verifies into its conv (in place):
+    """Fold every eval-mode BatchNorm of the frozen `net` that conv_bn_pairs verifies into its conv (in place;
+    `example`: an input for the verifying forward pass, on net's device, of any size the net accepts):
     the BN becomes a FoldedBatchNorm, the conv a FrozenConv2d (grouped ones already are FrozenGroupedConv2d)
     computing with the folded weight and bias. State dict unchanged. Returns the number of BNs folded."""
     names = {}
