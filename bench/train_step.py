@@ -12,7 +12,7 @@ Every measured iteration runs a plain iteration (G main, D main) and then the R1
 
 Toggles that undo one optimisation each (for BENCHMARKS.md): --d-grad-in-g, --no-adam-foreach,
 --plain-grouped-convs, --no-fold-bn (the feature networks' eval-mode BatchNorm run as BatchNorm instead of
-folded into their convs: pg_modules/feature_networks.py fold_batchnorm_), --d-channels-last (a candidate, not
+folded into their convs: pg_modules/frozen_layers.py fold_batchnorm_), --d-channels-last (a candidate, not
 in the code), --compile (G under torch.compile).
 
     python -m bench.train_step --cbase=128 --cres=2,2,2 --freeze=1
@@ -25,7 +25,7 @@ import torch
 import dnnlib
 from bench import common
 from pg_modules.discriminator import ProjectedDiscriminator
-from pg_modules.feature_networks import FrozenConv2d, FrozenGroupedConv2d, unfold_batchnorm_
+from pg_modules.frozen_layers import FrozenConv2d, FrozenGroupedConv2d, unfold_batchnorm_
 from training import config, freeze, generator, networks, steps
 
 def restore_aten_grouped_convs_(D):

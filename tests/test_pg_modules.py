@@ -16,7 +16,8 @@ import torch
 from pg_modules import class_embedding
 from pg_modules.diffaug import diff_augment
 from pg_modules.discriminator import BACKBONE_SETS, DownBlock, ProjectedDiscriminator, backbone_set
-from pg_modules.feature_networks import FeatureNetwork, _replace_grouped_convs_
+from pg_modules.feature_networks import FeatureNetwork
+from pg_modules.frozen_layers import replace_grouped_convs_
 
 LITE0 = 'tf_efficientnet_lite0'
 DEIT = 'deit_base_distilled_patch16_224'
@@ -101,7 +102,7 @@ def test_frozen_grouped_conv_matches_plain_conv_to_second_order():
     torch.manual_seed(0)
     plain = torch.nn.Sequential(timm.layers.Conv2dSame(8, 8, 5, stride=2, groups=8, bias=False),
                                 torch.nn.Conv2d(8, 8, 3, padding=1, groups=4), torch.nn.Conv2d(8, 4, 1))
-    frozen = _replace_grouped_convs_(copy.deepcopy(plain))
+    frozen = replace_grouped_convs_(copy.deepcopy(plain))
     assert [type(m).__name__ for m in frozen] == ['FrozenGroupedConv2d', 'FrozenGroupedConv2d', 'Conv2d']
     assert frozen.state_dict().keys() == plain.state_dict().keys()
     for net in (plain, frozen):

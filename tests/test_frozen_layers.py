@@ -1,4 +1,4 @@
-"""BatchNorm folding in the frozen feature networks (pg_modules/feature_networks.py fold_batchnorm_): folded and
+"""BatchNorm folding in the frozen feature networks (pg_modules/frozen_layers.py fold_batchnorm_): folded and
 never-folded networks agree to 1e-5 relative in features, input gradients, R1's double backward and G main under
 bf16 autocast; the state dict is unchanged; the cache follows new tensors; only verified conv → BN pairs fold."""
 import copy
@@ -14,8 +14,9 @@ from torch import nn
 from bench.train_step import restore_aten_grouped_convs_
 from pg_modules import feature_networks, weights
 from pg_modules.discriminator import ProjectedDiscriminator
-from pg_modules.feature_networks import (FeatureNetwork, FoldedBatchNorm, FrozenConv2d, FrozenGroupedConv2d,
-                                         fold_batchnorm_, unfold_batchnorm_)
+from pg_modules.feature_networks import FeatureNetwork
+from pg_modules.frozen_layers import (FoldedBatchNorm, FrozenConv2d, FrozenGroupedConv2d, fold_batchnorm_,
+                                      unfold_batchnorm_)
 from training import loss
 
 LITE0, VGG = 'tf_efficientnet_lite0', 'vgg16_bn'
