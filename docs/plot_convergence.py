@@ -24,7 +24,7 @@ from dnnlib.util import atomic_write  # noqa: E402
 def name_and_path(text, option):
     name, sep, path = text.partition('=')
     if not sep or not name or not path:
-        raise click.BadParameter(f'expected NAME=PATH, got {text!r}', param_hint=option)
+        raise click.ClickException(f'{option}: expected NAME=PATH, got {text!r}')
     return name, path
 
 

@@ -39,7 +39,7 @@ def test_bad_run_spec_and_missing_metrics(tmp_path):
     runner = CliRunner()
     args = ['--title=t', f'--json={tmp_path / "x.json"}', f'--png={tmp_path / "x.png"}']
     result = runner.invoke(plot_convergence.main, ['--run=nopath'] + args)
-    assert result.exit_code == 2 and 'expected NAME=PATH' in result.output
+    assert result.exit_code == 1 and '--run: expected NAME=PATH' in result.output
     result = runner.invoke(plot_convergence.main, [f'--run=A={tmp_path}'] + args)
     assert result.exit_code == 1 and 'no metric-fid*.jsonl' in result.output
     assert not (tmp_path / 'x.json').exists()
