@@ -4,13 +4,12 @@ loop's own `training/steps.py` code, built as `bench/train_step.py` builds it) a
 The ceiling: G's own forward + backward (G main) and forward (D main's fakes) are work no change outside G's
 arithmetic can remove, so `g_share = (G fwd+bwd + G fwd) / (G main + D main)` is the lowest s/iter ratio that
 optimising everything else could reach; `conv_gflops` vs `sgemm_gflops` says how close G's dominant 3×3
-convolution already runs to this CPU's matrix-multiply speed. BENCHMARKS.md ("Profile and ceiling") has the
-numbers.
+convolution already runs to this CPU's matrix-multiply speed. BENCHMARKS.md (2026-11-30, "where the time goes,
+the fp32 ceiling") has the numbers.
 
     python -m bench.profile_step --cbase=128 --cres=2,2,2 --freeze=1 --threads=2 [--rows=15] [--out=FILE.md]
 """
 import json
-import time
 
 import click
 import torch
@@ -20,14 +19,11 @@ import dnnlib
 from bench import common, train_step
 from training import config, steps
 
+CPU = torch.device('cpu')
+
 
 def median_seconds(fn, reps):
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return common.median(samples)
+    return common.median([common.timed(fn, CPU)[0] for _ in range(reps)])
 
 
 def matmul_gflops(reps=5):
@@ -79,7 +75,7 @@ def profile_iteration(arch='ncsnpp', cbase=128, cres=(2, 2, 2), blocks=4, res=32
     samples = {name: [] for name in parts}
     for _ in range(reps):  # interleaved, so a slow phase of a shared machine hits every part alike
         for name, fn in parts.items():
-            samples[name].append(median_seconds(fn, 1))
+            samples[name].append(common.timed(fn, CPU)[0])
     seconds = {name: common.median(values) for name, values in samples.items()}
     g_share = (seconds['g_forward'] + seconds['g_forward_backward']) / (seconds['g_main'] + seconds['d_main'])
     widest = cbase * max(cres)
