@@ -9,6 +9,8 @@ Inception FID on the same number of images. Every stage calls the same CLIs user
   python demo.py --outdir=demo-out --dataset=synth   # the built-in procedural shapes
   python demo.py --outdir=demo-out --make-teacher    # re-train the committed teacher (slow)
 """
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -58,14 +60,20 @@ DATASETS = {
 }
 
 
-def run(stage, args, log):
-    """Run one of the project's CLIs in a subprocess (one thread), streaming its output; fail loudly."""
+def run(stage, args, log, logfile=None):
+    """Run one of the project's CLIs in a subprocess (one thread), streaming its output (or appending it to
+    `logfile`, for a stage that runs beside another); fail loudly."""
     cmd = [sys.executable] + args
-    log(f'$ {" ".join(cmd)}')
+    log(f'$ {" ".join(cmd)}' + (f' >> {logfile} 2>&1' if logfile else ''))
     t0 = time.time()
-    res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **THREAD_ENV))
+    if logfile:
+        os.makedirs(os.path.dirname(logfile), exist_ok=True)
+    with open(logfile, 'a') if logfile else contextlib.nullcontext() as out:
+        res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **THREAD_ENV), stdout=out,
+                             stderr=subprocess.STDOUT if logfile else None)
     if res.returncode != 0:
-        raise click.ClickException(f'stage "{stage}" failed (exit code {res.returncode}): {" ".join(cmd)}')
+        where = f'; its output is in {logfile}' if logfile else ''
+        raise click.ClickException(f'stage "{stage}" failed (exit code {res.returncode}): {" ".join(cmd)}{where}')
     return time.time() - t0
 
 
@@ -191,7 +199,7 @@ def load_images(path, n):
         return np.stack([np.asarray(PIL.Image.open(os.path.join(path, f)).convert('RGB')) for f in files])
     from training.dataset import ImageFolderDataset
     dataset = ImageFolderDataset(path)
-    return np.stack([dataset[i][0].transpose(1, 2, 0) for i in range(n)])
+    return np.stack([dataset[i][0].transpose(1, 2, 0) for i in range(min(n, len(dataset)))])
 
 
 def save_figure(fig, path):
@@ -243,13 +251,15 @@ class FidStages:
     """FID of image folders and generators against one reference, all on the same N images. With `resume`,
     results already in the output folder (ref.npz, fid-<name>.json) are kept instead of recomputed."""
 
-    def __init__(self, outdir, ref_data, num_fid, resume, log):
+    def __init__(self, outdir, num_fid, resume, log):
         self.outdir, self.num_fid, self.resume, self.log = outdir, num_fid, resume, log
         self.ref = os.path.join(outdir, 'ref.npz')
-        self.ref_seconds = 0.0
-        if not (resume and os.path.exists(self.ref)):
-            self.ref_seconds = run('ref', ['fid.py', 'ref', f'--data={ref_data}', f'--dest={self.ref}',
-                                           '--workers=0'], log)
+
+    def make_ref(self, ref_data):
+        """Reference statistics of the held-out real images; returns the seconds it took."""
+        if self.resume and os.path.exists(self.ref):
+            return 0.0
+        return run('ref', ['fid.py', 'ref', f'--data={ref_data}', f'--dest={self.ref}', '--workers=0'], self.log)
 
     def _kept(self, name):
         result = os.path.join(self.outdir, f'fid-{name}.json')
@@ -270,17 +280,41 @@ class FidStages:
         with open(result) as f:
             return json.load(f)['fid'], seconds
 
-    def of_network(self, name, gen_args):
+    def generate(self, name, gen_args, logfile=None):
+        """N images of a generator into images/<name>/ (kept with --resume once its FID is known);
+        returns (folder, seconds)."""
         folder = os.path.join(self.outdir, 'images', name)
-        kept = self._kept(name)
-        if kept is not None and os.path.isdir(folder):
-            return kept, 0.0
+        if self.resume and os.path.exists(os.path.join(self.outdir, f'fid-{name}.json')) and os.path.isdir(folder):
+            return folder, 0.0
         shutil.rmtree(folder, ignore_errors=True)
-        t_gen = run(f'generate {name}', ['generate.py', f'--outdir={folder}', f'--seeds=0-{self.num_fid - 1}',
-                                         '--batch=100'] + gen_args, self.log)
+        return folder, run(f'generate {name}', ['generate.py', f'--outdir={folder}', f'--seeds=0-{self.num_fid - 1}',
+                                                '--batch=100'] + gen_args, self.log, logfile)
+
+    def of_network(self, name, gen_args):
+        folder, t_gen = self.generate(name, gen_args)
         fid, t_fid = self.of_images(name, folder)
         self.log(f'FID {name}: {fid:.2f} (generate {t_gen:.0f}s, FID {t_fid:.0f}s)')
         return fid, t_gen + t_fid
+
+
+def reference_and_teacher(fid, ref_data, real_data, teacher, log):
+    """Stages 2-3 on both cores (each CLI has one thread): the teacher's 18-step Heun images, the longest job,
+    are generated beside the chain reference statistics -> floor FID -> teacher 1-NFE FID; the 35-NFE FID needs
+    both. Returns (fids, seconds per stage); the stages overlap, so their seconds add up to more than the wall."""
+    fids, seconds = {}, {}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        heun = pool.submit(fid.generate, 'teacher-35nfe', [f'--network={teacher}', '--sampler=heun', '--steps=18'],
+                           os.path.join(fid.outdir, 'images', 'teacher-35nfe.log'))
+        seconds['fid_ref'] = fid.make_ref(ref_data)
+        fids['real'], seconds['fid_real'] = fid.of_images('real', real_data)
+        log(f'FID of {fid.num_fid} other real images: {fids["real"]:.2f}')
+        fids['teacher_1nfe'], seconds['teacher_1nfe'] = fid.of_network('teacher-1nfe', [f'--network={teacher}',
+                                                                                         '--sampler=onestep'])
+        folder, t_gen = heun.result()
+    fids['teacher_35nfe'], t_fid = fid.of_images('teacher-35nfe', folder)
+    log(f'FID teacher-35nfe: {fids["teacher_35nfe"]:.2f} (generate {t_gen:.0f}s, FID {t_fid:.0f}s)')
+    seconds['teacher_35nfe'] = t_gen + t_fid
+    return fids, seconds
 
 
 def gan_args(cfg, name, freeze, data, teacher, ref, kimg):
@@ -398,7 +432,8 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
                   f'FID = {ratio_35:.3f} (target <= 1.5: '
                   f'{"met" if targets["d2o_f_fid <= 1.5 * teacher_35nfe_fid"] else "NOT met"}).', '',
               '![samples](grids.png)', '', '![FID vs training images](fid-vs-images.png)', '',
-              f'Total wall time {wall:.0f} s. Stages (s): ' + ', '.join(f'{k} {v:.0f}' for k, v in timings.items()), '']
+              f'Total wall time {wall:.0f} s. Stages (s; fid_ref, fid_real, teacher_1nfe and teacher_35nfe run two at a '
+              f'time, stages_2_3_wall is their wall time): ' + ', '.join(f'{k} {v:.0f}' for k, v in timings.items()), '']
     with atomic_write(os.path.join(outdir, 'report.md'), 'w') as f:
         f.write('\n'.join(lines))
     return lines
@@ -432,7 +467,8 @@ def main(make_teacher, teacher, **cfg):
     os.makedirs(outdir, exist_ok=True)
     t_start = time.time()
     timings = {}
-    log = lambda msg: print(f'[demo {time.time() - t_start:6.0f}s] {msg}', flush=True)  # noqa: E731
+    # one write per line: stages 2-3 log from two threads
+    log = lambda msg: print(f'[demo {time.time() - t_start:6.0f}s] {msg}\n', end='', flush=True)  # noqa: E731
 
     if cfg['report_only'] and not cfg['resume']:
         raise click.ClickException('--report-only needs --resume (it reads the runs already in --outdir)')
@@ -446,19 +482,13 @@ def main(make_teacher, teacher, **cfg):
         log('Training the teacher diffusion model with train.py --loss=edm (this takes a while on a CPU)')
         return train_teacher(ds, data, outdir, teacher, log)
 
-    log(f'Stage 2/5: FID reference statistics over {cfg["num_fid"]} held-out real images, and the FID of a second '
-        f'real set (the floor at this N)')
-    fid = FidStages(outdir, ref_data, cfg['num_fid'], cfg['resume'], log)
-    fids = {}
-    timings['fid_ref'] = fid.ref_seconds
-    fids['real'], timings['fid_real'] = fid.of_images('real', real_data)
-    log(f'FID of {cfg["num_fid"]} other real images: {fids["real"]:.2f}')
-
-    log('Stage 3/5: the teacher, 18-step Heun (35 NFE) and a single step (1 NFE)')
-    fids['teacher_35nfe'], timings['teacher_35nfe'] = fid.of_network('teacher-35nfe', [
-        f'--network={teacher}', '--sampler=heun', '--steps=18'])
-    fids['teacher_1nfe'], timings['teacher_1nfe'] = fid.of_network('teacher-1nfe', [
-        f'--network={teacher}', '--sampler=onestep'])
+    log(f'Stages 2-3/5, two at a time: FID reference statistics over {cfg["num_fid"]} held-out real images, the FID '
+        f'of a second real set (the floor at this N), the teacher with 18-step Heun (35 NFE) and one step (1 NFE)')
+    fid = FidStages(outdir, cfg['num_fid'], cfg['resume'], log)
+    t = time.time()
+    fids, stage_seconds = reference_and_teacher(fid, ref_data, real_data, teacher, log)
+    timings.update(stage_seconds)
+    timings['stages_2_3_wall'] = time.time() - t
 
     log('Stage 4/5: GAN-only fine-tuning (EfficientNet-lite0 pretrained features): D2O-F (freeze 1), D2O')
     runs = gan_finetune(cfg, data, teacher, fid.ref, log)

@@ -94,3 +94,46 @@ def test_gan_runs_resume_and_share_the_demo_settings():
     assert '--resume=auto' in args['d2o'] and '--duration=0.0004' in args['d2o'] and '--metrics=fid300' in args['d2o']
     differ = set(args['d2o-f']) ^ set(args['d2o'])
     assert differ == {'--freeze=1', '--freeze=0', '--outdir=out/runs/d2o-f', '--outdir=out/runs/d2o'}
+
+
+def test_reference_and_teacher_overlap_heun_with_the_chain_and_resume(tmp_path, monkeypatch):
+    """Stages 2-3: the 35-NFE generation runs beside ref -> floor -> 1-NFE; every FID is computed after ref.npz
+    exists; a --resume pass keeps every result without running anything."""
+    import threading
+    import time
+    calls, lock = [], threading.Lock()
+
+    def fake_run(stage, args, log, logfile=None):
+        t0 = time.time()
+        opt = dict(a.split('=', 1) for a in args if a.startswith('--') and '=' in a)
+        if args[0] == 'fid.py' and args[1] == 'ref':
+            time.sleep(0.3)
+            open(opt['--dest'], 'w').close()
+        elif args[0] == 'fid.py':
+            assert os.path.exists(os.path.join(tmp_path, 'ref.npz'))  # an FID never starts before the reference
+            value = {'real': 27.0, 'teacher-1nfe': 350.0, 'teacher-35nfe': 260.0}[os.path.basename(
+                opt['--images']).replace('.zip', '')]
+            with open(opt['--json'], 'w') as f:
+                json.dump(dict(fid=value), f)
+        else:
+            time.sleep(1.0 if '--sampler=heun' in args else 0.1)
+            os.makedirs(opt['--outdir'])
+        with lock:
+            calls.append((stage, t0, time.time(), logfile))
+        return time.time() - t0
+
+    monkeypatch.setattr(demo, 'run', fake_run)
+    fid = demo.FidStages(str(tmp_path), 300, False, lambda msg: None)
+    fids, seconds = demo.reference_and_teacher(fid, 'ref.zip', str(tmp_path / 'real.zip'), 't.pkl', lambda m: None)
+    assert fids == {'real': 27.0, 'teacher_1nfe': 350.0, 'teacher_35nfe': 260.0}
+    spans = {stage: (t0, t1, logfile) for stage, t0, t1, logfile in calls}
+    heun = spans['generate teacher-35nfe']
+    assert heun[2] == os.path.join(str(tmp_path), 'images', 'teacher-35nfe.log')  # its output goes to a file
+    assert heun[0] < spans['ref'][1] and spans['generate teacher-1nfe'][0] < heun[1]  # the chain ran beside it
+    assert spans['fid teacher-35nfe'][0] >= heun[1]
+    assert set(seconds) == {'fid_ref', 'fid_real', 'teacher_1nfe', 'teacher_35nfe'}
+
+    calls.clear()
+    fid = demo.FidStages(str(tmp_path), 300, True, lambda msg: None)
+    assert demo.reference_and_teacher(fid, 'ref.zip', str(tmp_path / 'real.zip'), 't.pkl', lambda m: None)[0] == fids
+    assert calls == []
