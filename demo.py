@@ -438,8 +438,9 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
                   f'FID = {ratio_35:.3f} (target <= 1.5: '
                   f'{"met" if targets["d2o_f_fid <= 1.5 * teacher_35nfe_fid"] else "NOT met"}).', '',
               '![samples](grids.png)', '', '![FID vs training images](fid-vs-images.png)', '',
-              f'Total wall time {wall:.0f} s. Stages (s; fid_ref, fid_real, teacher_1nfe and teacher_35nfe run two at a '
-              f'time, stages_2_3_wall is their wall time): ' + ', '.join(f'{k} {v:.0f}' for k, v in timings.items()), '']
+              f'Total wall time {wall:.0f} s. Stages (s; fid_ref, fid_real, teacher_1nfe and teacher_35nfe run two '
+              f'at a time, stages_2_3_wall is their wall time): '
+              + ', '.join(f'{k} {v:.0f}' for k, v in timings.items()), '']
     with atomic_write(os.path.join(outdir, 'report.md'), 'w') as f:
         f.write('\n'.join(lines))
     return lines
