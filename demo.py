@@ -262,8 +262,11 @@ class FidStages:
             return 0.0
         return run('ref', ['fid.py', 'ref', f'--data={ref_data}', f'--dest={self.ref}', '--workers=0'], self.log)
 
+    def _result(self, name):
+        return os.path.join(self.outdir, f'fid-{name}.json')
+
     def _kept(self, name):
-        result = os.path.join(self.outdir, f'fid-{name}.json')
+        result = self._result(name)
         if self.resume and os.path.exists(result):
             with open(result) as f:
                 fid = json.load(f)['fid']
@@ -275,7 +278,7 @@ class FidStages:
         kept = self._kept(name)
         if kept is not None:
             return kept, 0.0
-        result = os.path.join(self.outdir, f'fid-{name}.json')
+        result = self._result(name)
         seconds = run(f'fid {name}', ['fid.py', 'calc', f'--images={images}', f'--ref={self.ref}',
                                       f'--num={self.num_fid}', f'--json={result}', '--workers=0'], self.log)
         with open(result) as f:
@@ -285,7 +288,7 @@ class FidStages:
         """N images of a generator into images/<name>/ (kept with --resume once its FID is known);
         returns (folder, seconds)."""
         folder = os.path.join(self.outdir, 'images', name)
-        if self.resume and os.path.exists(os.path.join(self.outdir, f'fid-{name}.json')) and os.path.isdir(folder):
+        if self.resume and os.path.exists(self._result(name)) and os.path.isdir(folder):
             return folder, 0.0
         shutil.rmtree(folder, ignore_errors=True)
         return folder, run(f'generate {name}', ['generate.py', f'--outdir={folder}', f'--seeds=0-{self.num_fid - 1}',
