@@ -294,14 +294,17 @@ class FidStages:
         return folder, run(f'generate {name}', ['generate.py', f'--outdir={folder}', f'--seeds=0-{self.num_fid - 1}',
                                                 '--batch=100'] + gen_args, self.log, logfile)
 
-    def of_network(self, name, gen_args):
-        folder, t_gen = self.generate(name, gen_args)
+    def of_generated(self, name, folder, t_gen):
+        """FID of images `generate` wrote; returns (fid, seconds of generating and scoring)."""
         fid, t_fid = self.of_images(name, folder)
         self.log(f'FID {name}: {fid:.2f} (generate {t_gen:.0f}s, FID {t_fid:.0f}s)')
         return fid, t_gen + t_fid
 
+    def of_network(self, name, gen_args):
+        return self.of_generated(name, *self.generate(name, gen_args))
 
-def reference_and_teacher(fid, ref_data, real_data, teacher, log):
+
+def reference_and_teacher(fid, ref_data, real_data, teacher):
     """Stages 2-3 on both cores (each CLI has one thread): the teacher's 18-step Heun images, the longest job,
     are generated beside the chain reference statistics -> floor FID -> teacher 1-NFE FID; the 35-NFE FID needs
     both. Returns (fids, seconds per stage); the stages overlap, so their seconds add up to more than the wall."""
@@ -311,13 +314,11 @@ def reference_and_teacher(fid, ref_data, real_data, teacher, log):
                            os.path.join(fid.outdir, 'images', 'teacher-35nfe.log'))
         seconds['fid_ref'] = fid.make_ref(ref_data)
         fids['real'], seconds['fid_real'] = fid.of_images('real', real_data)
-        log(f'FID of {fid.num_fid} other real images: {fids["real"]:.2f}')
+        fid.log(f'FID of {fid.num_fid} other real images: {fids["real"]:.2f}')
         fids['teacher_1nfe'], seconds['teacher_1nfe'] = fid.of_network('teacher-1nfe', [f'--network={teacher}',
                                                                                          '--sampler=onestep'])
-        folder, t_gen = heun.result()
-    fids['teacher_35nfe'], t_fid = fid.of_images('teacher-35nfe', folder)
-    log(f'FID teacher-35nfe: {fids["teacher_35nfe"]:.2f} (generate {t_gen:.0f}s, FID {t_fid:.0f}s)')
-    seconds['teacher_35nfe'] = t_gen + t_fid
+        heun_images = heun.result()
+    fids['teacher_35nfe'], seconds['teacher_35nfe'] = fid.of_generated('teacher-35nfe', *heun_images)
     return fids, seconds
 
 
@@ -500,7 +501,7 @@ def main(make_teacher, teacher, **cfg):
         f'of a second real set (the floor at this N), the teacher with 18-step Heun (35 NFE) and one step (1 NFE)')
     fid = FidStages(outdir, cfg['num_fid'], cfg['resume'], log)
     t = time.time()
-    fids, stage_seconds = reference_and_teacher(fid, ref_data, real_data, teacher, log)
+    fids, stage_seconds = reference_and_teacher(fid, ref_data, real_data, teacher)
     timings.update(stage_seconds)
     timings['stages_2_3_wall'] = time.time() - t
 

@@ -127,7 +127,7 @@ def test_reference_and_teacher_overlap_heun_with_the_chain_and_resume(tmp_path, 
 
     monkeypatch.setattr(demo, 'run', fake_run)
     fid = demo.FidStages(str(tmp_path), 300, False, lambda msg: None)
-    fids, seconds = demo.reference_and_teacher(fid, 'ref.zip', str(tmp_path / 'real.zip'), 't.pkl', lambda m: None)
+    fids, seconds = demo.reference_and_teacher(fid, 'ref.zip', str(tmp_path / 'real.zip'), 't.pkl')
     assert fids == {'real': 27.0, 'teacher_1nfe': 350.0, 'teacher_35nfe': 260.0}
     spans = {stage: (t0, t1, logfile) for stage, t0, t1, logfile in calls}
     heun = spans['generate teacher-35nfe']
@@ -138,5 +138,5 @@ def test_reference_and_teacher_overlap_heun_with_the_chain_and_resume(tmp_path, 
 
     calls.clear()
     fid = demo.FidStages(str(tmp_path), 300, True, lambda msg: None)
-    assert demo.reference_and_teacher(fid, 'ref.zip', str(tmp_path / 'real.zip'), 't.pkl', lambda m: None)[0] == fids
+    assert demo.reference_and_teacher(fid, 'ref.zip', str(tmp_path / 'real.zip'), 't.pkl')[0] == fids
     assert calls == []
