@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from training import checkpoint
 from training.sampling import (cut_sigma, edm_sampler, generate_images, generator_sample, generator_sigmas,
                                rank_batches, seeded_latents, to_uint8)
 
@@ -48,7 +49,6 @@ def _z(shape=(2, 1, 4, 4), seed=0, dtype=torch.float64):
 
 @functools.lru_cache(maxsize=None)
 def _load_cached(path, key):
-    checkpoint = pytest.importorskip('training.checkpoint', reason='training/checkpoint.py not available yet')
     return checkpoint.load_network(path, key=key)
 
 

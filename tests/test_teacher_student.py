@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from conftest import ROOT
 from test_frequency import cli_error_line
 from training.analysis import teacher_student as TS
 from training.sampling import generator_sample, generator_sigmas, seeded_latents, to_uint8
@@ -137,7 +138,7 @@ def test_table_markdown_and_figure(fixtures_dir, tmp_path):
     (['--teacher-at=two:x.pkl'], '--teacher-at'),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
-    student = '../shared/fixtures/checkpoints/d2o_ncsnpp_uncond16.pkl'
+    student = str(ROOT / 'demo' / 'teacher-mnist32.pkl')  # committed, so the test needs no ../shared fixture
     assert message in cli_error_line(tmp_path, capsys, 'teacher-student', args, {'--student': student})
 
 
