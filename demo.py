@@ -224,15 +224,19 @@ def save_grids(panels, path):
     plt.close(fig)
 
 
-def save_fid_plot(curves, levels, path, title):
-    """FID vs GAN training images per run (lines with markers) and constant levels (dashed)."""
+def save_fid_plot(curves, levels, path, title, bands=None):
+    """FID vs GAN training images per run (lines with markers), optional min-max bands {label: [(x, lo, hi)]}
+    around them (several seeds), and constant levels (dashed)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
     for name, points in curves.items():
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker='o', label=name)
+        line, = ax.plot(xs, ys, marker='o', label=name)
+        if bands and name in bands:
+            bx, lo, hi = zip(*bands[name])
+            ax.fill_between(bx, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     for (name, value), style in zip(levels.items(), ('--', ':', '-.')):
         ax.axhline(value, linestyle=style, color='grey', label=f'{name} ({value:.1f})')
     ax.set_xlabel('GAN training images')
@@ -322,15 +326,23 @@ def reference_and_teacher(fid, ref_data, real_data, teacher):
     return fids, seconds
 
 
-def gan_args(cfg, name, freeze, data, teacher, ref, kimg):
+def fine_tuning_runs(cfg):
+    """(run name, method, --freeze, seed) of every GAN run: D2O-F and D2O for each of the --seeds seeds. The first
+    seed's runs keep the plain names (runs/d2o-f, runs/d2o), so a one-seed output folder reads as before."""
+    return [(name if k == 0 else f'{name}-seed{cfg["seed"] + k}', name, freeze, cfg['seed'] + k)
+            for k in range(cfg.get('seeds', 1)) for name, freeze in GAN_RUNS]
+
+
+def gan_args(cfg, name, freeze, data, teacher, ref, kimg, seed=None):
     """train.py options of one fine-tuning run up to `kimg` (resumes the run's newest state if there is one)."""
+    seed = cfg['seed'] if seed is None else seed
     run_dir = os.path.join(cfg['outdir'], 'runs', name)
     return ['train.py', f'--outdir={run_dir}', '--nosubdir', f'--data={data}', f'--transfer={teacher}',
             f'--freeze={freeze}', '--backbone=3', f'--batch={cfg["batch"]}', f'--duration={kimg / 1000}',
             f'--lr={cfg["lr"]}', f'--dlr={cfg["dlr"]}', f'--d-bn-group={cfg["d_bn_group"]}',
             f'--ema={cfg["ema_images"] / 1e6:g}', '--ema-warmup=0',
             f'--adv-scale={cfg["adv_scale"]}', f'--tick={cfg["tick"]}',
-            '--snap=1', '--dump=1000', f'--seed={cfg["seed"]}', '--workers=0', '--grid-seeds=16',
+            '--snap=1', '--dump=1000', f'--seed={seed}', '--workers=0', '--grid-seeds=16',
             f'--metrics=fid{cfg["num_fid"]}', f'--metric-ref={ref}', '--metrics-at-start=false', '--resume=auto']
 
 
@@ -340,41 +352,65 @@ def chunk_ends(kimg, tick):
 
 
 def gan_finetune(cfg, data, teacher, ref, log):
-    """Stage 4: D2O-F and D2O from the teacher. --jobs=2: side by side, one thread each. --jobs=1: one process
-    at a time, the two runs alternating every --tick kimg (exact resume makes this equal to uninterrupted runs),
-    so both FID curves grow together in a long background run."""
+    """Stage 4: D2O-F and D2O from the teacher, for each seed. --jobs=2: two runs side by side, one thread each.
+    --jobs=1: one process at a time, the runs alternating every --tick kimg (exact resume makes this equal to
+    uninterrupted runs), so all FID curves grow together in a long background run."""
     metric = f'fid{cfg["num_fid"]}'
-    run_dirs = {name: os.path.join(cfg['outdir'], 'runs', name) for name, _ in GAN_RUNS}
+    plan = fine_tuning_runs(cfg)
+    run_dirs = {name: os.path.join(cfg['outdir'], 'runs', name) for name, *_ in plan}
     for run_dir in run_dirs.values():
         if not cfg['resume']:
             shutil.rmtree(run_dir, ignore_errors=True)
         os.makedirs(run_dir, exist_ok=True)
     seconds = {name: 0.0 for name in run_dirs}
+
+    def job(name, freeze, seed, kimg):
+        return name, gan_args(cfg, name, freeze, data, teacher, ref, kimg, seed), run_dirs[name]
     if cfg['report_only']:
         log('--report-only: no training; the report shows the runs as they are')
     elif cfg['jobs'] == 2:
-        seconds = run_parallel([(name, gan_args(cfg, name, freeze, data, teacher, ref, cfg['kimg']), run_dirs[name])
-                                for name, freeze in GAN_RUNS], cfg['kimg'], metric, log)
+        for pair in (plan[i:i + 2] for i in range(0, len(plan), 2)):
+            seconds.update(run_parallel([job(name, freeze, seed, cfg['kimg']) for name, _, freeze, seed in pair],
+                                        cfg['kimg'], metric, log))
     else:
         for end in chunk_ends(cfg['kimg'], cfg['tick']):
-            for name, freeze in GAN_RUNS:
+            for name, _, freeze, seed in plan:
                 done = [r['kimg'] for r in read_jsonl(os.path.join(run_dirs[name], 'stats.jsonl'))]
                 if done and max(done) >= end - 1e-9:
                     continue
-                job = (name, gan_args(cfg, name, freeze, data, teacher, ref, end), run_dirs[name])
-                seconds[name] += run_parallel([job], cfg['kimg'], metric, log)[name]
+                seconds[name] += run_parallel([job(name, freeze, seed, end)], cfg['kimg'], metric, log)[name]
     runs = {}
-    for name, run_dir in run_dirs.items():
+    for name, method, _, seed in plan:
+        run_dir = run_dirs[name]
         records = read_jsonl(os.path.join(run_dir, f'metric-{metric}.jsonl'))
         if not records:
             raise click.ClickException(f'{run_dir}: no metric-{metric}.jsonl records yet (nothing to report)')
         with open(os.path.join(run_dir, 'training_options.json')) as f:
             opts = json.load(f)
-        runs[name] = dict(run_dir=run_dir, records=records, fid=records[-1]['fid'], kimg=records[-1]['kimg'],
-                          seconds=seconds[name],
+        runs[name] = dict(method=method, seed=seed, run_dir=run_dir, records=records, fid=records[-1]['fid'],
+                          kimg=records[-1]['kimg'], seconds=seconds[name],
                           snapshot=os.path.join(run_dir, records[-1]['snapshot']),
                           trainable_share=opts.get('trainable_share'))
     return runs
+
+
+def across_seeds(runs):
+    """{method: summary} over the seeds of each method. `fid` is the mean final FID over the seeds (the one value
+    when there is one seed), `fids` the final FID per seed, `band` {kimg: (mean, min, max)} at every evaluation that
+    all seeds reached; grids and snapshot come from the first seed's run."""
+    summary = {}
+    for method, _ in GAN_RUNS:
+        mine = [r for r in runs.values() if r['method'] == method]
+        by_kimg = {}
+        for r in mine:
+            for rec in r['records']:
+                by_kimg.setdefault(round(rec['kimg'], 6), []).append(rec['fid'])
+        band = {k: (float(np.mean(v)), min(v), max(v)) for k, v in sorted(by_kimg.items()) if len(v) == len(mine)}
+        fids = [r['fid'] for r in mine]
+        summary[method] = dict(mine[0], fid=float(np.mean(fids)), fids=fids, seeds=[r['seed'] for r in mine],
+                               kimg=min(r['kimg'] for r in mine), seconds=sum(r['seconds'] for r in mine),
+                               band=band)
+    return summary
 
 
 def figures(cfg, runs, fids, ref_data, log):
@@ -390,13 +426,31 @@ def figures(cfg, runs, fids, ref_data, log):
         panels.append((f'{name.upper()}, 1 NFE', load_images(grid_dir, 64)))
     panels.append(('real data', load_images(ref_data, 64)))
     save_grids(panels, os.path.join(outdir, 'grids.png'))
-    curves = {f'{name.upper()} (1 NFE)': [(0, fids['teacher_1nfe'])] + [(r['kimg'] * 1000, r['fid'])
-                                                                         for r in runs[name]['records']]
-              for name in ('d2o-f', 'd2o')}
+    curves, bands = {}, {}
+    for name in ('d2o-f', 'd2o'):
+        label = f'{name.upper()} (1 NFE)'
+        band = runs[name]['band']
+        curves[label] = [(0, fids['teacher_1nfe'])] + [(kimg * 1000, mean) for kimg, (mean, _, _) in band.items()]
+        if len(runs[name]['fids']) > 1:
+            bands[label] = [(kimg * 1000, lo, hi) for kimg, (_, lo, hi) in band.items()]
     levels = {'teacher 35 NFE': fids['teacher_35nfe'], 'real data (floor)': fids['real']}
+    seeds = len(runs['d2o-f']['fids'])
     save_fid_plot(curves, levels, os.path.join(outdir, 'fid-vs-images.png'),
-                  f'{cfg["dataset"]}: FID ({cfg["num_fid"]} images) vs GAN training images')
+                  f'{cfg["dataset"]}: FID ({cfg["num_fid"]} images) vs GAN training images'
+                  + (f' (mean, min-max of {seeds} seeds)' if seeds > 1 else ''), bands)
     return curves
+
+
+def targets_per_seed(d2o_f, fids):
+    """D2O-F's final FID per seed, how many seeds meet each target, and the report's sentence about it."""
+    seed_fids = d2o_f.get('fids', [d2o_f['fid']])
+    met = {name: sum(test(fid) for fid in seed_fids) for name, test in (
+        ('d2o_f_fid <= teacher_1nfe_fid / 3', lambda fid: fid <= fids['teacher_1nfe'] / 3),
+        ('d2o_f_fid <= 1.5 * teacher_35nfe_fid', lambda fid: fid <= 1.5 * fids['teacher_35nfe']))}
+    text = (f'; the ratios are of the mean over {len(seed_fids)} seeds. Per seed, the 1/3 target is met by '
+            f'{met["d2o_f_fid <= teacher_1nfe_fid / 3"]} of {len(seed_fids)}, the 1.5 target by '
+            f'{met["d2o_f_fid <= 1.5 * teacher_35nfe_fid"]} of {len(seed_fids)}.') if len(seed_fids) > 1 else '.'
+    return seed_fids, met, text
 
 
 def write_report(cfg, ds, runs, fids, curves, timings, wall):
@@ -407,6 +461,7 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
     ratio_1, ratio_35 = runs['d2o-f']['fid'] / fids['teacher_1nfe'], runs['d2o-f']['fid'] / fids['teacher_35nfe']
     targets = {'d2o_f_fid <= teacher_1nfe_fid / 3': ratio_1 <= 1 / 3,
                'd2o_f_fid <= 1.5 * teacher_35nfe_fid': ratio_35 <= 1.5}
+    seed_fids, per_seed, seeds_text = targets_per_seed(runs['d2o-f'], fids)
     results = dict(dataset=cfg['dataset'], teacher_35nfe_fid=fids['teacher_35nfe'],
                    teacher_1nfe_fid=fids['teacher_1nfe'], d2o_fid=runs['d2o']['fid'], d2o_f_fid=runs['d2o-f']['fid'],
                    real_fid=fids['real'], fid_num_images=num_fid, train_images=int(round(kimg * 1000)),
@@ -414,8 +469,10 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
                    stage_seconds={k: round(v, 1) for k, v in timings.items()},
                    trainable_share={name: runs[name]['trainable_share'] for name in runs}, fid_curves=curves,
                    seed=cfg['seed'], batch=cfg['batch'], lr=cfg['lr'], dlr=cfg['dlr'], d_bn_group=cfg['d_bn_group'],
-                   ema_images=cfg['ema_images'],
-                   adv_scale=cfg['adv_scale'])
+                   ema_images=cfg['ema_images'], adv_scale=cfg['adv_scale'],
+                   seeds={name: dict(seeds=r.get('seeds', [cfg['seed']]), final_fids=r.get('fids', [r['fid']]))
+                          for name, r in runs.items()},
+                   targets_met_by_seeds={name: f'{met} of {len(seed_fids)}' for name, met in per_seed.items()})
     with atomic_write(os.path.join(outdir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
     rows = [(f'real data ({num_fid} other images: the FID floor at this N)', '-', fids['real'], '-', '-', '-'),
@@ -424,7 +481,10 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
             ('teacher (1 step)', 1, fids['teacher_1nfe'], f'{teacher_kimg * 1000:,.0f} (diffusion)', '-', '100%')]
     for name, label in (('d2o-f', 'D2O-F (freeze 1)'), ('d2o', 'D2O (no freezing)')):
         r = runs[name]
-        rows.append((label, 1, r['fid'], f'+{r["kimg"] * 1000:,.0f} (GAN)', f'{r["seconds"]:.0f} s',
+        seeds = r.get('fids', [r['fid']])
+        fid = f'{r["fid"]:.2f}' + (f' (mean of {len(seeds)} seeds; min {min(seeds):.2f}, max {max(seeds):.2f})'
+                                   if len(seeds) > 1 else '')
+        rows.append((label, 1, fid, f'+{r["kimg"] * 1000:,.0f} (GAN)', f'{r["seconds"]:.0f} s',
                      f'{100 * r["trainable_share"]:.1f}%'))
     lines = [
         '# d2o demo: a diffusion teacher becomes a one-step generator by GAN-only fine-tuning', '',
@@ -433,14 +493,17 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
         f'comparable across models. GAN fine-tuning: batch {cfg["batch"]}, lr {cfg["lr"]:g} (G), {cfg["dlr"]:g} (D), '
         f'D BatchNorm over groups of {cfg["d_bn_group"]} images, EMA half-life {cfg["ema_images"]} images, '
         f'adv-scale {cfg["adv_scale"]:g}, R1 gamma 1e-4, EfficientNet-lite0 features (ImageNet weights), '
-        f'seed {cfg["seed"]}; '
-        f'the two runs ran side by side, one CPU thread each.', '',
+        f'seed {cfg["seed"]}' + (f' to {cfg["seed"] + len(seed_fids) - 1}' if len(seed_fids) > 1 else '') + '; '
+        + ('the two runs ran side by side' if len(seed_fids) == 1 else 'the runs ran two at a time')
+        + ', one CPU thread each.', '',
         '| model | NFE | FID | training images | wall time | trainable parameters |', '|---|---|---|---|---|---|']
-    lines += [f'| {m} | {n} | {fid:.2f} | {img} | {w} | {share} |' for m, n, fid, img, w, share in rows]
+    lines += [f'| {m} | {n} | {fid if isinstance(fid, str) else f"{fid:.2f}"} | {img} | {w} | {share} |'
+              for m, n, fid, img, w, share in rows]
     lines += ['', f'D2O-F one-step FID / teacher one-step FID = {ratio_1:.3f} (target <= 1/3: '
                   f'{"met" if targets["d2o_f_fid <= teacher_1nfe_fid / 3"] else "NOT met"}); D2O-F / teacher 35-NFE '
                   f'FID = {ratio_35:.3f} (target <= 1.5: '
-                  f'{"met" if targets["d2o_f_fid <= 1.5 * teacher_35nfe_fid"] else "NOT met"}).', '',
+                  f'{"met" if targets["d2o_f_fid <= 1.5 * teacher_35nfe_fid"] else "NOT met"})'
+                  + seeds_text, '',
               '![samples](grids.png)', '', '![FID vs training images](fid-vs-images.png)', '',
               f'Total wall time {wall:.0f} s. Stages (s; fid_ref, fid_real, teacher_1nfe and teacher_35nfe run two '
               f'at a time, stages_2_3_wall is their wall time): '
@@ -466,7 +529,9 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
               default=32.0, show_default=True)
 @click.option('--tick', help='kimg between in-training FID evaluations', default=0.4, show_default=True)
 @click.option('--teacher', help='Teacher EDM pickle  [default: the committed one for --dataset]')
-@click.option('--seed', default=0, show_default=True)
+@click.option('--seed', help='Seed of the (first) GAN runs', default=0, show_default=True)
+@click.option('--seeds', help='GAN runs per method, seeds --seed, --seed+1, ... (the report gives mean, min, max)',
+              type=click.IntRange(1, 100), default=1, show_default=True)
 @click.option('--jobs', help='GAN runs at a time (1: alternate every --tick kimg, for long background runs)',
               type=click.IntRange(1, 2), default=2, show_default=True)
 @click.option('--resume', help='Keep finished stages in --outdir and continue the GAN runs from their states',
@@ -508,6 +573,7 @@ def main(make_teacher, teacher, **cfg):
     log('Stage 4/5: GAN-only fine-tuning (EfficientNet-lite0 pretrained features): D2O-F (freeze 1), D2O')
     runs = gan_finetune(cfg, data, teacher, fid.ref, log)
     timings.update({f'train_{name}': r['seconds'] for name, r in runs.items()})
+    runs = across_seeds(runs)
 
     log('Stage 5/5: grids, plot, report')
     t = time.time()

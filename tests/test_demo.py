@@ -140,3 +140,53 @@ def test_reference_and_teacher_overlap_heun_with_the_chain_and_resume(tmp_path, 
     fid = demo.FidStages(str(tmp_path), 300, True, lambda msg: None)
     assert demo.reference_and_teacher(fid, 'ref.zip', str(tmp_path / 'real.zip'), 't.pkl')[0] == fids
     assert calls == []
+
+
+def test_seeds_name_the_runs_and_keep_the_one_seed_layout():
+    cfg = dict(seed=5, seeds=3)
+    assert demo.fine_tuning_runs(cfg) == [('d2o-f', 'd2o-f', 1, 5), ('d2o', 'd2o', 0, 5),
+                                          ('d2o-f-seed6', 'd2o-f', 1, 6), ('d2o-seed6', 'd2o', 0, 6),
+                                          ('d2o-f-seed7', 'd2o-f', 1, 7), ('d2o-seed7', 'd2o', 0, 7)]
+    assert demo.fine_tuning_runs(dict(seed=0)) == [('d2o-f', 'd2o-f', 1, 0), ('d2o', 'd2o', 0, 0)]
+    args = demo.gan_args(dict(outdir='o', num_fid=300, batch=8, lr=1e-3, dlr=3e-4, d_bn_group=4, ema_images=100,
+                              adv_scale=32.0, seed=5, tick=0.4), 'd2o-seed6', 0, 'd.zip', 't.pkl', 'r.npz', 0.4, 6)
+    assert '--seed=6' in args and '--outdir=o/runs/d2o-seed6' in args
+
+
+def _run(method, seed, points, share=0.2):
+    records = [dict(kimg=k, fid=f, snapshot=f'network-snapshot-{int(k * 1000):06d}.pkl') for k, f in points]
+    return dict(method=method, seed=seed, run_dir=f'runs/{method}-{seed}', records=records, fid=records[-1]['fid'],
+                kimg=records[-1]['kimg'], seconds=10.0, snapshot=records[-1]['snapshot'], trainable_share=share)
+
+
+def test_across_seeds_gives_mean_min_max_at_points_all_seeds_reached():
+    runs = {'a': _run('d2o-f', 0, [(0.4, 100.0), (0.8, 90.0)]), 'b': _run('d2o', 0, [(0.4, 80.0), (0.8, 70.0)]),
+            'c': _run('d2o-f', 1, [(0.4, 120.0), (0.8, 60.0)]), 'd': _run('d2o', 1, [(0.4, 82.0)])}
+    summary = demo.across_seeds(runs)
+    assert summary['d2o-f']['band'] == {0.4: (110.0, 100.0, 120.0), 0.8: (75.0, 60.0, 90.0)}
+    assert summary['d2o-f']['fid'] == 75.0 and summary['d2o-f']['fids'] == [90.0, 60.0]
+    assert summary['d2o-f']['seeds'] == [0, 1] and summary['d2o-f']['seconds'] == 20.0
+    assert summary['d2o']['band'] == {0.4: (81.0, 80.0, 82.0)}  # 0.8 only reached by one seed: no band point
+    assert summary['d2o']['kimg'] == 0.4 and summary['d2o']['fid'] == 76.0  # finals 70 (0.8) and 82 (0.4)
+    one = demo.across_seeds({'a': runs['a'], 'b': runs['b']})
+    assert one['d2o-f']['fid'] == 90.0 and one['d2o-f']['band'] == {0.4: (100.0, 100.0, 100.0), 0.8: (90.0, 90.0, 90.0)}
+
+
+def test_report_with_seeds_states_mean_spread_and_targets_per_seed(tmp_path):
+    cfg = dict(outdir=str(tmp_path), dataset='mnist', num_fid=300, kimg=0.8, batch=8, lr=1e-3, dlr=3e-4,
+               d_bn_group=4, ema_images=100, adv_scale=32.0, seed=0, tick=0.4)
+    runs = demo.across_seeds({'a': _run('d2o-f', 0, [(0.8, 30.0)]), 'b': _run('d2o', 0, [(0.8, 40.0)], 1.0),
+                              'c': _run('d2o-f', 1, [(0.8, 39.0)]), 'd': _run('d2o', 1, [(0.8, 44.0)], 1.0),
+                              'e': _run('d2o-f', 2, [(0.8, 36.0)]), 'f': _run('d2o', 2, [(0.8, 42.0)], 1.0)})
+    fids = dict(real=10.0, teacher_35nfe=25.0, teacher_1nfe=120.0)
+    demo.write_report(cfg, demo.DATASETS['mnist'], runs, fids, {}, {'dataset': 1.0}, 200.0)
+    results = json.load(open(tmp_path / 'results.json'))
+    assert results['d2o_f_fid'] == 35.0 and results['seeds']['d2o-f']['final_fids'] == [30.0, 39.0, 36.0]
+    # mean 35: 35/120 = 0.292 <= 1/3 (met), 35/25 = 1.4 <= 1.5 (met); per seed 3 of 3 (all <= 40) and 2 of 3 (39 > 37.5)
+    assert results['targets'] == {'d2o_f_fid <= teacher_1nfe_fid / 3': True,
+                                  'd2o_f_fid <= 1.5 * teacher_35nfe_fid': True}
+    assert results['targets_met_by_seeds'] == {'d2o_f_fid <= teacher_1nfe_fid / 3': '3 of 3',
+                                               'd2o_f_fid <= 1.5 * teacher_35nfe_fid': '2 of 3'}
+    text = open(tmp_path / 'report.md').read()
+    assert '| D2O-F (freeze 1) | 1 | 35.00 (mean of 3 seeds; min 30.00, max 39.00) |' in text
+    assert 'Per seed, the 1/3 target is met by 3 of 3, the 1.5 target by 2 of 3.' in text
