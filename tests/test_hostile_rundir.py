@@ -212,17 +212,29 @@ def test_changed_what_option_is_refused_with_saved_and_new_values(tmp_path):
     assert tree(tmp_path) == before
 
 
-def test_auto_resume_ignores_and_the_lock_removes_stale_temporaries(tmp_path):
+def test_auto_resume_ignores_and_the_lock_removes_our_stale_temporaries(tmp_path):
     run = tmp_path / '00000-run'
     good = save_state(run / 'training-state-000001.pt', mtime=1000)
-    for name in ('.training-state-000002.pt.x8k1.tmp', 'training-state-000003.pt.tmp'):  # newer, half-written
+    for name in ('.training-state-000002.pt.x8k1_q7z.tmp', 'training-state-000003.pt.tmp'):  # newer, half-written
         (run / name).write_bytes(b'PK\x03\x04 cut')
     assert rd.find_resume_state('auto', str(tmp_path), dataclasses.asdict(TrainConfig())) == good
     notes = []
-    with rd.RunDirLock(str(run), log=notes.append):
-        assert sorted(os.listdir(run)) == [rd.LOCK_NAME, 'training-state-000001.pt']
-    assert notes == [f'Removed stale temporary file {run}/.training-state-000002.pt.x8k1.tmp',
-                     f'Removed stale temporary file {run}/training-state-000003.pt.tmp']
+    with rd.RunDirLock(str(run), log=notes.append):  # atomic_write's name is ours; the other is not
+        assert sorted(os.listdir(run)) == [rd.LOCK_NAME, 'training-state-000001.pt', 'training-state-000003.pt.tmp']
+    assert notes == [f'Removed stale temporary file {run}/.training-state-000002.pt.x8k1_q7z.tmp']
+
+
+def test_the_lock_keeps_the_users_tmp_files_in_a_nosubdir_folder(tmp_path):
+    """--nosubdir/--resume=FILE make the user's own folder the run folder: `thesis.tmp` was deleted."""
+    mine = {'thesis.tmp': 'chapter 1', '.thesis.tmp': 'autosave', 'notes.pt.tmp': 'draft',
+            '.stats.jsonl.tmp': 'not ours either'}
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+    before = tree(tmp_path)
+    notes = []
+    with rd.RunDirLock(str(tmp_path), log=notes.append):
+        pass
+    assert tree(tmp_path) == before and notes == []
 
 
 def test_auto_resume_skips_an_unreadable_state_with_a_warning(tmp_path):
