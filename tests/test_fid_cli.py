@@ -199,3 +199,42 @@ def test_validation_best_of_seed_sets_and_best_checkpoint(tmp_path):
     assert out.count('best of 3 seed sets by fid: ') == 1 and 'seeds=10-19 fid 3.5' in out.split('best of')[1]
     code, _, err = run_validation(tmp_path, dict(PROTOCOL='best-ever'), run_dir, ref)
     assert code == 2 and 'PROTOCOL=best-ever: expected single, best-of-seeds or best-checkpoint' in err
+
+
+def test_validation_refuses_a_network_name_without_a_stem_and_removes_nothing(tmp_path):
+    """A network named `.pkl` gave the empty name and `rm -rf "$OUTROOT/"` (with OUTROOT=$HOME: the home folder)."""
+    eval_dir = tmp_path / 'eval'
+    (eval_dir / 'thesis').mkdir(parents=True)
+    (eval_dir / 'thesis' / 'chapter1.tex').write_text('keep me')
+    (tmp_path / '.pkl').write_bytes(b'')
+    ref = tmp_path / 'ref.npz'
+    ref.write_bytes(b'')
+    for network in (tmp_path / '.pkl', 'https://example.org/models/.pkl'):
+        code, out, err = run_validation(tmp_path, dict(NUM='10', FAKE_FIDS=''), network, ref)
+        assert (code, out) == (2, '') and err == (f'validation_fid.sh: {network}: cannot name its image folder after '
+                                                  f'it (nothing before the extension); rename the file\n')
+        assert sorted(p.name for p in eval_dir.iterdir()) == ['thesis']
+        assert (eval_dir / 'thesis' / 'chapter1.tex').read_text() == 'keep me'
+        assert not (tmp_path / 'log').exists()  # refused before any generation
+
+
+def test_validation_removes_only_the_image_folder_it_made(tmp_path):
+    eval_dir = tmp_path / 'eval'
+    users = eval_dir / 'run-network-snapshot-000100'  # what the image folder used to be called
+    users.mkdir(parents=True)
+    (users / 'img.png').write_bytes(b'mine')
+    (tmp_path / 'run').mkdir()
+    network = tmp_path / 'run' / 'network-snapshot-000100.pkl'
+    network.write_bytes(b'')
+    ref = tmp_path / 'ref.npz'
+    ref.write_bytes(b'')
+    env = dict(NUM='10', FAKE_FIDS='run-network-snapshot-000100=4.5')
+    code, out, err = run_validation(tmp_path, env, network, ref)
+    assert code == 0 and out.splitlines()[0] == f'{network} {ref} seeds=0-9 fid 4.5', err
+    assert sorted(p.name for p in eval_dir.iterdir()) == ['fid-results.txt', 'run-network-snapshot-000100']
+    assert (users / 'img.png').read_bytes() == b'mine'
+    code, _, err = run_validation(tmp_path, dict(env, KEEP='1'), network, ref)
+    assert code == 0, err
+    [kept] = [p for p in eval_dir.iterdir() if p.name.startswith('images.')]
+    assert [p.name for p in kept.iterdir()] == ['run-network-snapshot-000100']
+    assert (users / 'img.png').read_bytes() == b'mine'

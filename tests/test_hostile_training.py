@@ -250,3 +250,19 @@ def test_a_save_over_the_file_size_limit_is_one_line_and_keeps_the_previous_stat
     assert after['training-state-000000.008.pt'] == previous['training-state-000000.008.pt']
     assert 'network-snapshot-000000.012.pkl' in after  # written before the state, complete
     assert f'Error: {state}: could not be written' in (run / 'log.txt').read_text()
+
+
+def test_train_sh_runs_the_train_py_beside_itself_not_the_current_folders(tmp_path):
+    (tmp_path / 'train.py').write_text('open("pwned", "w")\n')  # a train.py in the folder the user happens to be in
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'torchrun').write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')  # stands in for torchrun: prints its args
+    (bin_dir / 'torchrun').chmod(0o755)
+    (tmp_path / 'link.sh').symlink_to(os.path.join(ROOT, 'train.sh'))  # also when called through a link
+    env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', NGPUS='1')
+    for script in (os.path.join(ROOT, 'train.sh'), 'link.sh'):
+        result = subprocess.run(['bash', script, 'cifar10-uncond-d2o', '--workers=0'], cwd=tmp_path, env=env,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[:3] == ['--standalone', '--nproc_per_node=1', os.path.join(ROOT, 'train.py')]
+    assert not (tmp_path / 'pwned').exists()
