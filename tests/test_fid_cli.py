@@ -238,3 +238,26 @@ def test_validation_removes_only_the_image_folder_it_made(tmp_path):
     [kept] = [p for p in eval_dir.iterdir() if p.name.startswith('images.')]
     assert [p.name for p in kept.iterdir()] == ['run-network-snapshot-000100']
     assert (users / 'img.png').read_bytes() == b'mine'
+
+
+def test_ref_never_overwrites_its_input_or_another_image_set(tmp_path):
+    """`fid.py ref --dest` equal to `--data` replaced the dataset zip with the statistics."""
+    data = make_zip(tmp_path / 'data.zip', 3, resolution=8)
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    PIL.Image.new('RGB', (8, 8)).save(folder / 'a.png')
+    (tmp_path / 'link.zip').symlink_to(data)
+    np.savez(tmp_path / 'pack.npz', arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    other = make_zip(tmp_path / 'other.zip', 2, resolution=8)
+    before = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()}
+    cases = [(data, data, 'is --data={data} or lies inside it'),
+             (data, tmp_path / 'link.zip', 'is --data={data} or lies inside it'),  # the same file by another name
+             (folder, folder / 'stats.npz', 'is --data={data} or lies inside it'),
+             (data, other, 'an existing set of images (a dataset zip or an .npz with arr_0), not statistics'),
+             (data, tmp_path / 'pack.npz', 'an existing set of images (a dataset zip or an .npz with arr_0)')]
+    for data_arg, dest, problem in cases:
+        code, out, _ = run('ref', f'--data={data_arg}', f'--dest={dest}')
+        assert code == 1 and out.startswith(f'Error: --dest={dest}: {problem.format(data=data_arg)}'), out
+        assert out.rstrip().endswith('write the statistics to another file') and out.count('\n') == 1, out
+    assert {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()} == before
+    assert not (folder / 'stats.npz').exists()
