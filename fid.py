@@ -113,6 +113,22 @@ def check_writable(path, option):
         raise ValueError(f'{option}={path}: cannot write there ({folder} is not a writable folder)')
 
 
+def check_dest(dest_path, dataset_path):
+    """`ref` must not replace what it reads (--dest equal to --data replaced the dataset zip with the
+    statistics), write into the dataset's folder, or replace another set of images."""
+    dest = os.path.realpath(dest_path)
+    data = None if util.is_url(dataset_path) else os.path.realpath(dataset_path)
+    if data is not None and (dest == data or dest.startswith(os.path.join(data, ''))):
+        raise ValueError(f'--dest={dest_path}: is --data={dataset_path} or lies inside it; write the statistics to '
+                         f'another file')
+    if os.path.isfile(dest) and zipfile.is_zipfile(dest):
+        with zipfile.ZipFile(dest) as archive:
+            names = archive.namelist()
+        if not reference_files.is_reference_file(dest) or f'{reference_files.ADM_IMAGES_KEY}.npy' in names:
+            raise ValueError(f'--dest={dest_path}: an existing set of images (a dataset zip or an .npz with '
+                             f'{reference_files.ADM_IMAGES_KEY}), not statistics; write the statistics to another file')
+
+
 def same_shape(images, ref, image_path, ref_path):
     if list(images.image_shape) != list(ref.image_shape):
         shape = 'x'.join(map(str, images.image_shape))
@@ -254,6 +270,7 @@ def calc_command(image_path, ref_path, num, seed, which, detector, clip_weights,
 def ref_command(dataset_path, dest_path, which, detector, clip_weights, dinov2_weights, batch, workers):
     """Reference statistics of a dataset: EDM's fid-refs/*.npz (`mu`, `sigma`) plus every other metric's."""
     check_writable(dest_path, '--dest')
+    check_dest(dest_path, dataset_path)
     dist.init()
     make_reference(dataset_path, dest_path, suite.parse_metrics(which),
                    weight_sources(detector, clip_weights, dinov2_weights), batch, workers)

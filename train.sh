@@ -23,5 +23,7 @@ case "$RUN" in
   imagenet-d2o|imagenet-d2o-f) ZIP=$DATA/imagenet-64x64.zip ;;
   *) echo "unknown run '$RUN'" >&2; exit 2 ;;
 esac
-exec torchrun --standalone --nproc_per_node="$NGPUS" train.py --preset="$RUN" --outdir="$OUTDIR" --data="$ZIP" \
+# The train.py beside this script, not whatever train.py the current folder holds.
+TRAIN_PY="$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/train.py"
+exec torchrun --standalone --nproc_per_node="$NGPUS" "$TRAIN_PY" --preset="$RUN" --outdir="$OUTDIR" --data="$ZIP" \
   --workers=4 --seed=42 "$@"

@@ -27,8 +27,10 @@
 #   PROTOCOL [single]   single | best-of-seeds | best-checkpoint (above)
 #   SEED_SETS [3]       seed sets for best-of-seeds
 #   SELECT [fid]        the result that picks the best (lowest): fid, clip_fid or fd_dinov2
-#   OUTROOT [fid-eval]  images go to OUTROOT/<checkpoint name>[-seeds<k>]/, results to OUTROOT/fid-results.txt
-#   KEEP [0]            1 keeps the generated images, 0 deletes them once scored
+#   OUTROOT [fid-eval]  images go to a new folder OUTROOT/images.XXXXXX/<checkpoint name>[-seeds<k>]/ made for
+#                       this invocation, results to OUTROOT/fid-results.txt
+#   KEEP [0]            1 keeps the generated images, 0 deletes them once scored (and the images.XXXXXX folder
+#                       at exit); nothing else under OUTROOT is ever removed
 #   PYTHON [python]     interpreter (torchrun runs as `$PYTHON -m torch.distributed.run`)
 #   GEN_ARGS, FID_ARGS  extra options for generate.py / fid.py calc, e.g. GEN_ARGS="--batch=128"
 #                       FID_ARGS="--metrics=fid,is,pr,clip_fid,fd_dinov2 --clip-weights=ViT-B-32.pt"
@@ -56,10 +58,20 @@ case "$PROTOCOL" in single|best-of-seeds|best-checkpoint) ;; *) die "PROTOCOL=$P
 case "$SELECT" in fid|clip_fid|fd_dinov2) ;; *) die "SELECT=$SELECT: expected fid, clip_fid or fd_dinov2";; esac
 [[ "$NUM" =~ ^[1-9][0-9]*$ ]] || die "NUM=$NUM: expected a positive integer"
 [[ "$SEED_SETS" =~ ^[1-9][0-9]*$ ]] || die "SEED_SETS=$SEED_SETS: expected a positive integer"
+# stem NETWORK: the file name without its extension (empty for a file named `.pkl`)
+stem() {
+    local file
+    file="$(basename "$1")"
+    echo "${file%.*}"
+}
+
 for ((i = 1; i <= $#; i++)); do  # fail before hours of generation, not after
     arg="${!i}"
     if [[ "$arg" != *://* && ! -e "$arg" ]]; then
         die "$arg: no such file or folder"
+    fi
+    if ((i % 2 == 1)) && [[ ! -d "$arg" ]] && [[ -z "$(stem "$arg")" || "$(stem "$arg")" == . ]]; then
+        die "$arg: cannot name its image folder after it (nothing before the extension); rename the file"
     fi
 done
 
@@ -69,6 +81,11 @@ here="$(cd "$(dirname "$0")" && pwd)"
 torchrun=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPUS")
 mkdir -p "$OUTROOT"
 results="$OUTROOT/fid-results.txt"
+# Images go into a folder made for this invocation: the only folder this script ever removes.
+images="$(mktemp -d "$OUTROOT/images.XXXXXX")"
+if [ "$KEEP" != 1 ]; then
+    trap 'rm -rf -- "$images"' EXIT
+fi
 
 # score NETWORK REF FIRST_SEED TAG: generate NUM images from seeds FIRST_SEED.., score them, append a result line
 score() {
@@ -76,8 +93,8 @@ score() {
     local last=$((first + NUM - 1))
     local name outdir scores line
     # runs/00000-cifar10-.../network-snapshot-005000.pkl -> 00000-cifar10-...-network-snapshot-005000
-    name="$(basename "$(dirname "$network")")-$(basename "${network%.*}")"
-    outdir="$OUTROOT/${name#.-}$tag"
+    name="$(basename "$(dirname "$network")")-$(stem "$network")"
+    outdir="$images/${name#.-}$tag"
     echo "== $network: generating $NUM images (seeds $first-$last) into $outdir" >&2
     "${torchrun[@]}" "$here/generate.py" -- --network="$network" --seeds="$first-$last" --outdir="$outdir" \
         --subdirs --sampler=onestep ${gen_args[@]+"${gen_args[@]}"} >&2
@@ -89,7 +106,7 @@ score() {
     echo "$line" >> "$results"
     echo "$line"
     if [ "$KEEP" != 1 ]; then
-        rm -rf "$outdir"
+        rm -rf -- "$outdir"
     fi
 }
 

@@ -199,3 +199,65 @@ def test_validation_best_of_seed_sets_and_best_checkpoint(tmp_path):
     assert out.count('best of 3 seed sets by fid: ') == 1 and 'seeds=10-19 fid 3.5' in out.split('best of')[1]
     code, _, err = run_validation(tmp_path, dict(PROTOCOL='best-ever'), run_dir, ref)
     assert code == 2 and 'PROTOCOL=best-ever: expected single, best-of-seeds or best-checkpoint' in err
+
+
+def test_validation_refuses_a_network_name_without_a_stem_and_removes_nothing(tmp_path):
+    """A network named `.pkl` gave the empty name and `rm -rf "$OUTROOT/"` (with OUTROOT=$HOME: the home folder)."""
+    eval_dir = tmp_path / 'eval'
+    (eval_dir / 'thesis').mkdir(parents=True)
+    (eval_dir / 'thesis' / 'chapter1.tex').write_text('keep me')
+    (tmp_path / '.pkl').write_bytes(b'')
+    ref = tmp_path / 'ref.npz'
+    ref.write_bytes(b'')
+    for network in (tmp_path / '.pkl', 'https://example.org/models/.pkl'):
+        code, out, err = run_validation(tmp_path, dict(NUM='10', FAKE_FIDS=''), network, ref)
+        assert (code, out) == (2, '') and err == (f'validation_fid.sh: {network}: cannot name its image folder after '
+                                                  f'it (nothing before the extension); rename the file\n')
+        assert sorted(p.name for p in eval_dir.iterdir()) == ['thesis']
+        assert (eval_dir / 'thesis' / 'chapter1.tex').read_text() == 'keep me'
+        assert not (tmp_path / 'log').exists()  # refused before any generation
+
+
+def test_validation_removes_only_the_image_folder_it_made(tmp_path):
+    eval_dir = tmp_path / 'eval'
+    users = eval_dir / 'run-network-snapshot-000100'  # what the image folder used to be called
+    users.mkdir(parents=True)
+    (users / 'img.png').write_bytes(b'mine')
+    (tmp_path / 'run').mkdir()
+    network = tmp_path / 'run' / 'network-snapshot-000100.pkl'
+    network.write_bytes(b'')
+    ref = tmp_path / 'ref.npz'
+    ref.write_bytes(b'')
+    env = dict(NUM='10', FAKE_FIDS='run-network-snapshot-000100=4.5')
+    code, out, err = run_validation(tmp_path, env, network, ref)
+    assert code == 0 and out.splitlines()[0] == f'{network} {ref} seeds=0-9 fid 4.5', err
+    assert sorted(p.name for p in eval_dir.iterdir()) == ['fid-results.txt', 'run-network-snapshot-000100']
+    assert (users / 'img.png').read_bytes() == b'mine'
+    code, _, err = run_validation(tmp_path, dict(env, KEEP='1'), network, ref)
+    assert code == 0, err
+    [kept] = [p for p in eval_dir.iterdir() if p.name.startswith('images.')]
+    assert [p.name for p in kept.iterdir()] == ['run-network-snapshot-000100']
+    assert (users / 'img.png').read_bytes() == b'mine'
+
+
+def test_ref_never_overwrites_its_input_or_another_image_set(tmp_path):
+    """`fid.py ref --dest` equal to `--data` replaced the dataset zip with the statistics."""
+    data = make_zip(tmp_path / 'data.zip', 3, resolution=8)
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    PIL.Image.new('RGB', (8, 8)).save(folder / 'a.png')
+    (tmp_path / 'link.zip').symlink_to(data)
+    np.savez(tmp_path / 'pack.npz', arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    other = make_zip(tmp_path / 'other.zip', 2, resolution=8)
+    before = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()}
+    cases = [(data, data, 'is --data={data} or lies inside it'),
+             (data, tmp_path / 'link.zip', 'is --data={data} or lies inside it'),  # the same file by another name
+             (folder, folder / 'stats.npz', 'is --data={data} or lies inside it'),
+             (data, other, 'an existing set of images (a dataset zip or an .npz with arr_0), not statistics'),
+             (data, tmp_path / 'pack.npz', 'an existing set of images (a dataset zip or an .npz with arr_0)')]
+    for data_arg, dest, problem in cases:
+        code, out, _ = run('ref', f'--data={data_arg}', f'--dest={dest}')
+        assert code == 1 and out.startswith(f'Error: --dest={dest}: {problem.format(data=data_arg)}'), out
+        assert out.rstrip().endswith('write the statistics to another file') and out.count('\n') == 1, out
+    assert {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()} == before
+    assert not (folder / 'stats.npz').exists()

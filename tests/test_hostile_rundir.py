@@ -197,6 +197,60 @@ def test_state_of_another_version_is_refused(tmp_path):
                                   f'with the d2o version that wrote it')
 
 
+def forged_state(tmp_path, **fields):
+    """A valid saved state with `fields` replaced (dotted rng fields: 'rng.0.torch')."""
+    path = Path(save_state(tmp_path / 'training-state-000001.pt'))
+    state = torch.load(path, weights_only=True)
+    for key, value in fields.items():
+        if key.startswith('rng.'):
+            state['rng'][0][key.split('.')[2]] = value
+        else:
+            state[key] = value
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize('fields, line', [
+    (dict(cur_nimg=-10 ** 18), "field 'cur_nimg' is -1000000000000000000, expected an integer from 0 to 1000000000000"),
+    (dict(cur_nimg=10 ** 13), "field 'cur_nimg' is 10000000000000, expected an integer from 0 to 1000000000000"),
+    (dict(cur_nimg=1.5), "field 'cur_nimg' is 1.5, expected an integer from 0 to 1000000000000"),
+    (dict(batch_idx=True), "field 'batch_idx' is True, expected an integer from 0 to 1000000000000"),
+    (dict(cur_tick=torch.tensor(3)), "field 'cur_tick' is a int64 tensor of shape [], expected an integer from 0 to "),
+    (dict(G_record='D2OPrecond'), "field 'G_record' is 'D2OPrecond', expected a dict of class_name (a string), "
+                                  "init_args (a list), init_kwargs (a dict)"),
+    (dict(G_record=dict(class_name='D2OPrecond', init_kwargs=[1])), "field 'G_record' is a dict of 2 items"),
+    (dict(G=[1, 2]), "field 'G' is a list of 2 items, expected a state dict"),
+    (dict(opt_D=7), "field 'opt_D' is 7, expected a state dict or None"),
+    (dict(nonfinite_streak=[3]), "field 'nonfinite_streak' is a list of 1 items, expected a dict of stage name"),
+    (dict(nonfinite_streak={'G': -1}), "field \"nonfinite_streak['G']\" is -1, expected an integer from 0 to "),
+    (dict(rng=[]), "field 'rng' is a list of 0 items, expected a non-empty list (one RNG state per process)"),
+    (dict(rng='seed'), "field 'rng' is 'seed', expected a non-empty list"),
+    (dict(rng=[{'torch': 1}]), "field 'rng[0]' is a dict of 1 items, expected a dict of torch, cuda, numpy, "
+                               "numpy_pos, python"),
+    ({'rng.0.torch': torch.zeros(12, dtype=torch.uint8)}, "field 'rng[0].torch' is a uint8 tensor of shape [12], "
+                                                          "expected a uint8 tensor of shape [5056]"),
+    ({'rng.0.torch': torch.zeros(5056)}, "field 'rng[0].torch' is a float32 tensor of shape [5056], expected a uint8"),
+    ({'rng.0.cuda': [torch.zeros(8, dtype=torch.uint8)]}, "field 'rng[0].cuda' is a list of 1 items, expected a "
+                                                          "list of uint8 tensors of shape [16]"),
+    ({'rng.0.numpy': [0] * 623 + [2 ** 32]}, "field 'rng[0].numpy' is a list of 624 items, expected a list of 624 "
+                                             "integers from 0 to 2**32-1"),
+    ({'rng.0.numpy_pos': 625}, "field 'rng[0].numpy_pos' is 625, expected an integer from 0 to 624"),
+    ({'rng.0.python': [1] * 624 + [625]}, "field 'rng[0].python' is a list of 625 items, expected a list of 624 "
+                                          "integers"),
+    ({'rng.0.python': (1,) * 625}, "field 'rng[0].python' is a tuple of 625 items"),
+])
+def test_state_fields_of_the_wrong_type_or_range_are_refused_naming_the_field(tmp_path, fields, line):
+    path = forged_state(tmp_path, **fields)
+    message = refused_load(path)
+    assert message.startswith(f'--resume={path}: {line}'), message
+    assert message.endswith('; resume from an earlier training-state-*.pt of the same run')
+
+
+def test_a_valid_state_passes_the_field_checks(tmp_path):
+    path = forged_state(tmp_path, cur_nimg=10 ** 12, nonfinite_streak={'G': 2, 'D': 0})
+    assert rd.load_training_state(str(path))['cur_nimg'] == 10 ** 12
+
+
 # --- 12.6: resume checks what it resumes ----------------------------------------------------------
 
 def test_changed_what_option_is_refused_with_saved_and_new_values(tmp_path):
@@ -212,17 +266,29 @@ def test_changed_what_option_is_refused_with_saved_and_new_values(tmp_path):
     assert tree(tmp_path) == before
 
 
-def test_auto_resume_ignores_and_the_lock_removes_stale_temporaries(tmp_path):
+def test_auto_resume_ignores_and_the_lock_removes_our_stale_temporaries(tmp_path):
     run = tmp_path / '00000-run'
     good = save_state(run / 'training-state-000001.pt', mtime=1000)
-    for name in ('.training-state-000002.pt.x8k1.tmp', 'training-state-000003.pt.tmp'):  # newer, half-written
+    for name in ('.training-state-000002.pt.x8k1_q7z.tmp', 'training-state-000003.pt.tmp'):  # newer, half-written
         (run / name).write_bytes(b'PK\x03\x04 cut')
     assert rd.find_resume_state('auto', str(tmp_path), dataclasses.asdict(TrainConfig())) == good
     notes = []
-    with rd.RunDirLock(str(run), log=notes.append):
-        assert sorted(os.listdir(run)) == [rd.LOCK_NAME, 'training-state-000001.pt']
-    assert notes == [f'Removed stale temporary file {run}/.training-state-000002.pt.x8k1.tmp',
-                     f'Removed stale temporary file {run}/training-state-000003.pt.tmp']
+    with rd.RunDirLock(str(run), log=notes.append):  # atomic_write's name is ours; the other is not
+        assert sorted(os.listdir(run)) == [rd.LOCK_NAME, 'training-state-000001.pt', 'training-state-000003.pt.tmp']
+    assert notes == [f'Removed stale temporary file {run}/.training-state-000002.pt.x8k1_q7z.tmp']
+
+
+def test_the_lock_keeps_the_users_tmp_files_in_a_nosubdir_folder(tmp_path):
+    """--nosubdir/--resume=FILE make the user's own folder the run folder: `thesis.tmp` was deleted."""
+    mine = {'thesis.tmp': 'chapter 1', '.thesis.tmp': 'autosave', 'notes.pt.tmp': 'draft',
+            '.stats.jsonl.tmp': 'not ours either'}
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+    before = tree(tmp_path)
+    notes = []
+    with rd.RunDirLock(str(tmp_path), log=notes.append):
+        pass
+    assert tree(tmp_path) == before and notes == []
 
 
 def test_auto_resume_skips_an_unreadable_state_with_a_warning(tmp_path):

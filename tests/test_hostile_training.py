@@ -164,3 +164,105 @@ def test_sigterm_to_the_process_group_saves_the_state_and_exits_143(tmp_path, sy
     states = glob.glob(str(run / 'training-state-*.pt'))
     assert len(states) == 1 and 'continue with --resume=' in err
     assert torch.load(states[0], weights_only=True)['cur_nimg'] > 0
+
+
+# --- nothing the project did not write is overwritten; broken states and failed saves are one line --------------
+
+def tree(folder):
+    """{name: bytes} of a run folder: equal before and after = nothing written, nothing lost."""
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_fresh_run_refuses_a_folder_that_holds_another_run(tmp_path, synth_zip, capsys, two_iterations):
+    run = copy_run(two_iterations, tmp_path)
+    before = tree(run)
+    code, _, err = cli([f'--outdir={run}', f'--data={synth_zip}', '--duration=0.000004'] + TINY, capsys)
+    assert_one_line_error(code, err)
+    assert err.strip() == (f'train.py: error: {run}: already holds another run (network-snapshot-000000.004.pkl, '
+                           f'network-snapshot-000000.008.pkl, stats.jsonl and 2 more); continue it with '
+                           f'--resume={run}, or choose another --outdir')
+    assert tree(run) == before  # no snapshot, options, stats line or log line of the refused run
+
+
+def test_fresh_run_into_a_folder_without_a_state_says_there_is_nothing_to_resume(tmp_path, synth_zip, capsys):
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'stats.jsonl').write_text('{"kimg": 0.004}\n')
+    (run / 'thesis.tmp').write_text('mine')
+    code, _, err = cli([f'--outdir={run}', f'--data={synth_zip}', '--duration=0.000004'] + TINY, capsys)
+    assert_one_line_error(code, err, f'{run}: already holds another run (stats.jsonl); it has no training state to '
+                                     f'resume, or choose another --outdir')
+    assert tree(run) == {'stats.jsonl': b'{"kimg": 0.004}\n', 'thesis.tmp': b'mine'}
+
+
+def forge_newest_state(run, **fields):
+    path = sorted(glob.glob(str(run / 'training-state-*.pt')))[-1]
+    state = torch.load(path, weights_only=True)
+    state.update(fields)
+    torch.save(state, path)
+    return path
+
+
+def test_resume_from_a_state_with_negative_cur_nimg_is_refused(tmp_path, synth_zip, capsys, two_iterations):
+    run = copy_run(two_iterations, tmp_path)
+    path = forge_newest_state(run, cur_nimg=-10 ** 18)
+    before = tree(run)
+    code, _, err = cli([f'--outdir={run}', f'--data={synth_zip}', '--duration=0.000012', f'--resume={run}'] + TINY,
+                       capsys)
+    assert_one_line_error(code, err)
+    assert err.strip() == (f"train.py: error: --resume={path}: field 'cur_nimg' is -1000000000000000000, expected an "
+                           f"integer from 0 to 1000000000000; resume from an earlier training-state-*.pt of the same "
+                           f"run")
+    assert tree(run) == before
+
+
+def test_resume_from_weights_that_do_not_fit_the_network_is_one_line(tmp_path, synth_zip, capsys, two_iterations):
+    run = copy_run(two_iterations, tmp_path)
+    state = torch.load(sorted(glob.glob(str(run / 'training-state-*.pt')))[-1], weights_only=True)
+    dropped = sorted(state['G'])[0]
+    path = forge_newest_state(run, G={k: v for k, v in state['G'].items() if k != dropped})
+    code, _, err = cli([f'--outdir={run}', f'--data={synth_zip}', '--duration=0.000012', f'--resume={run}'] + TINY,
+                       capsys)
+    assert_one_line_error(code, err, f"--resume={path}: field 'G' does not fit this run (Error(s) in loading "
+                                     f"state_dict for D2OPrecond: Missing key(s) in state_dict: \"{dropped}\"")
+    assert err.strip().endswith('; resume from an earlier training-state-*.pt of the same run')
+
+
+def test_a_save_over_the_file_size_limit_is_one_line_and_keeps_the_previous_state(tmp_path, synth_zip,
+                                                                                  two_iterations):
+    """RLIMIT_FSIZE (ulimit -f, some batch schedulers): the 1 MB snapshot fits, the 139 MB state does not."""
+    import resource
+    run = copy_run(two_iterations, tmp_path)
+    previous = tree(run)
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10 << 20, 10 << 20))
+    result = subprocess.run([sys.executable, 'train.py', f'--outdir={run}', f'--data={synth_zip}',
+                             '--duration=0.000012', f'--resume={run}'] + TINY, cwd=ROOT, capture_output=True,
+                            text=True, preexec_fn=limit_file_size, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    state = run / 'training-state-000000.012.pt'
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (f'train.py: error: {state}: could not be written (File too '
+                                                      f'large); the files saved before it are intact')
+    assert 'Traceback' not in result.stderr
+    after = tree(run)
+    assert not state.exists() and not [n for n in after if n.endswith('.tmp')]
+    assert after['training-state-000000.008.pt'] == previous['training-state-000000.008.pt']
+    assert 'network-snapshot-000000.012.pkl' in after  # written before the state, complete
+    assert f'Error: {state}: could not be written' in (run / 'log.txt').read_text()
+
+
+def test_train_sh_runs_the_train_py_beside_itself_not_the_current_folders(tmp_path):
+    (tmp_path / 'train.py').write_text('open("pwned", "w")\n')  # a train.py in the folder the user happens to be in
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'torchrun').write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')  # stands in for torchrun: prints its args
+    (bin_dir / 'torchrun').chmod(0o755)
+    (tmp_path / 'link.sh').symlink_to(os.path.join(ROOT, 'train.sh'))  # also when called through a link
+    env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', NGPUS='1')
+    for script in (os.path.join(ROOT, 'train.sh'), 'link.sh'):
+        result = subprocess.run(['bash', script, 'cifar10-uncond-d2o', '--workers=0'], cwd=tmp_path, env=env,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[:3] == ['--standalone', '--nproc_per_node=1', os.path.join(ROOT, 'train.py')]
+    assert not (tmp_path / 'pwned').exists()

@@ -16,12 +16,12 @@ from training.config import TrainConfig
 
 def save_state(path, mtime=None, **config):
     """A minimal but complete training state (the loop's key set) with the given config values."""
+    from training.state import rng_state
     cfg = dict(dataclasses.asdict(TrainConfig()), **config)
-    state = {k: None for k in rd.STATE_KEYS}
-    state.update(version=rd.STATE_VERSION, config=cfg, cur_nimg=0, rng=[],
-                 G_record=dict(class_name='D2OPrecond', init_args=[],
-                               init_kwargs=dict(img_resolution=32, img_channels=3, label_dim=10)),
-                 G={'w': torch.arange(4.0)})
+    state = dict(version=rd.STATE_VERSION, config=cfg, cur_nimg=0, cur_tick=0, batch_idx=0, nonfinite_streak={},
+                 rng=[rng_state()], G_record=dict(class_name='D2OPrecond', init_args=[],
+                                                  init_kwargs=dict(img_resolution=32, img_channels=3, label_dim=10)),
+                 G={'w': torch.arange(4.0)}, G_ema={}, opt_G={}, D=None, opt_D=None)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(state, path)
     if mtime is not None:
@@ -77,13 +77,29 @@ def test_lock_records_holder_excludes_a_second_holder_and_is_released(tmp_path):
     assert notes == []
 
 
-def test_lock_removes_stale_temporaries_only(tmp_path):
-    for name in ('.training-state-000010.pt.k3j2.tmp', 'stats.jsonl.tmp', 'stats.jsonl', 'training-state-000005.pt'):
-        (tmp_path / name).write_text('x')
+def test_lock_removes_stale_temporaries_of_our_own_writers_only(tmp_path):
+    ours = ['.training-state-000010.pt.k3j2ab_9.tmp', '.network-snapshot-000000.012.pkl.abcdefgh.tmp',
+            '.network-snapshot-best.pkl.0123456z.tmp', '.fakes-000004.png.zzzzzzzz.tmp', '.stats.jsonl.a1b2c3d4.tmp',
+            '.training_options.json.qwertyui.tmp']
+    others = ['stats.jsonl.tmp', 'stats.jsonl', 'training-state-000005.pt', '.stats.jsonl.k3j2.tmp',
+              '.notes.txt.abcdefgh.tmp', '.stats.jsonl.ABCDEFGH.tmp', 'x.training-state-000001.pt.abcdefgh.tmp']
+    for name in ours + others:
+        (tmp_path / name).write_text(name)
     notes = []
     with rd.RunDirLock(str(tmp_path), log=notes.append):
-        assert sorted(os.listdir(tmp_path)) == [rd.LOCK_NAME, 'stats.jsonl', 'training-state-000005.pt']
-    assert len(notes) == 2 and all(n.startswith('Removed stale temporary file ') for n in notes)
+        assert sorted(os.listdir(tmp_path)) == sorted(others + [rd.LOCK_NAME])
+    assert all((tmp_path / name).read_text() == name for name in others)
+    assert notes == [f'Removed stale temporary file {tmp_path / name}' for name in sorted(ours)]
+
+
+def test_own_temporary_matches_the_names_atomic_write_makes(tmp_path):
+    import dnnlib
+    for name in ('training-state-000123.pt', 'network-snapshot-000000.004.pkl', 'stats.jsonl', 'fakes-000002.png'):
+        with pytest.raises(KeyboardInterrupt), dnnlib.atomic_write(tmp_path / name):  # a writer that dies
+            [tmp] = [n for n in os.listdir(tmp_path) if n.endswith('.tmp')]
+            assert rd.OWN_TEMPORARY.fullmatch(tmp), tmp
+            raise KeyboardInterrupt
+        assert os.listdir(tmp_path) == []  # atomic_write cleaned up after itself
 
 
 

@@ -11,17 +11,21 @@ Naming and lock
   check_desc(desc) -> desc           --desc must be a plain name; ValueError naming --desc otherwise.
   RunDirLock(run_dir, log)           `with RunDirLock(run_dir, log):` one run per directory (run.lock);
       a live holder -> RunDirLocked (a ValueError naming the folder and the holder's pid); a stale lock of
-      a dead process is taken over with a warning; stale `*.tmp` files are removed once the lock is held.
+      a dead process is taken over with a warning; once the lock is held, the temporaries our own writers
+      left (OWN_TEMPORARY) are removed, and nothing else.
+  refuse_other_run(run_dir)          a fresh run refuses a folder that already holds a run (RunDirTaken).
 Records
   Logger(path)                       tees stdout/stderr into log.txt.
   append_jsonl(path, record)         appends one line (flush + fsync), never rewrites the file.
+  saving(path)                       `with saving(path) as path:` a failed write is one OSError naming the file.
   read_jsonl(path) -> [record]       skips a line cut short by a crash.
   truncate_jsonl_after(path, kimg)   drops records past the resume point, atomically.
   record_metric(run_dir, name, record) -> bool   metric-<name>.jsonl + network-snapshot-best.pkl.
 Resume
   find_resume_state(resume, outdir, config=None, log=print) -> path | None   --resume=FILE|DIR|auto.
   load_training_state(path) -> dict  one ValueError line for corrupt, truncated, wrong-kind, incomplete
-      or wrong-version files, naming the file and what to use instead.
+      or wrong-version files and for fields of the wrong type or range (training.state.check_fields),
+      naming the file (and field) and what to use instead.
   saved_run_config(state) -> dict    the state's config plus its data shape (DATASET_KEYS).
   check_resume(saved_cfg, new_cfg, path=None) -> [(option, saved, new)]   refuses changed WHAT_OPTIONS,
       returns the changed HOW_OPTIONS (they take effect; the loop logs them); IGNORED_OPTIONS are neither.
@@ -102,7 +106,13 @@ def make_run_dir(cfg, dataset_name, world, batch):
 # the holder's pid, host and start time, for the error message and the stale-lock warning.
 
 LOCK_NAME = 'run.lock'
-STALE_TEMP_PATTERNS = ('*.tmp', '.*.tmp')  # dnnlib.atomic_write's `.<name>.<random>.tmp` and others
+# The run folder may be the user's own (--nosubdir, --resume=FILE): only the temporaries our writers leave
+# are ever deleted. dnnlib.atomic_write names them `.<name>.<8 random characters of tempfile's
+# [a-z0-9_]>.tmp`, and <name> is one of the files the loop writes.
+_TAG = r'\d+(?:\.\d+)?'  # RunOutputs.tag(): 000005 or 000000.012
+OWN_FILES = (rf'training-state-{_TAG}\.pt', rf'network-snapshot-(?:{_TAG}|best)\.pkl', rf'fakes-{_TAG}\.png',
+             r'stats\.jsonl', r'training_options\.json')
+OWN_TEMPORARY = re.compile(rf'\.(?:{"|".join(OWN_FILES)})\.[a-z0-9_]{{8}}\.tmp')
 
 
 class RunDirLocked(ValueError):
@@ -143,9 +153,9 @@ def _pid_alive_here(holder):
 
 
 def remove_stale_temporaries(run_dir, log=print):
-    """Delete `*.tmp` left by a writer that died mid-write; only the lock holder may (a live run's
-    temporaries are in use)."""
-    removed = sorted({p for pattern in STALE_TEMP_PATTERNS for p in glob.glob(os.path.join(run_dir, pattern))})
+    """Delete the OWN_TEMPORARY files a writer left when it died mid-write; only the lock holder may (a
+    live run's temporaries are in use). Any other file, `*.tmp` or not, is the user's and stays."""
+    removed = sorted(os.path.join(run_dir, name) for name in os.listdir(run_dir) if OWN_TEMPORARY.fullmatch(name))
     for path in removed:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
@@ -221,6 +231,25 @@ class RunDirLock:
         self.fd = None
 
 
+class RunDirTaken(ValueError):
+    """A fresh run was pointed at a folder that already holds a run."""
+
+
+RUN_FILES = ('training_options.json', 'stats.jsonl', 'network-snapshot-*', 'training-state-*')
+
+
+def refuse_other_run(run_dir):
+    """A fresh run (no --resume) must not overwrite another run's snapshots and options nor append to its
+    stats.jsonl: --nosubdir into a used folder, or two runs racing for one id. Call it holding the lock."""
+    found = sorted(os.path.basename(p) for pattern in RUN_FILES
+                   for p in glob.glob(os.path.join(glob.escape(run_dir), pattern)))
+    if not found:
+        return
+    names = ', '.join(found[:3]) + (f' and {len(found) - 3} more' if len(found) > 3 else '')
+    hint = f'continue it with --resume={run_dir}' if _states_in(run_dir) else 'it has no training state to resume'
+    raise RunDirTaken(f'{run_dir}: already holds another run ({names}); {hint}, or choose another --outdir')
+
+
 # ----------------------------------------------------------------------------------------------
 # log.txt and the JSONL records (stats.jsonl, metric-*.jsonl), appended one line at a time.
 
@@ -258,10 +287,27 @@ def append_jsonl(path, record):
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b'\n':
             line = b'\n' + line
-        os.write(fd, line)
+        written = os.write(fd, line)
+        if written != len(line):  # a full disk or RLIMIT_FSIZE stops a write part way, without an error
+            raise OSError(f'only {written} of {len(line)} bytes written')
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def saving(path):
+    """A failed write of `path` (disk full, file-size limit; torch's zip writer reports the OSError as a
+    RuntimeError) becomes one OSError naming the file. Writers go through dnnlib.atomic_write, so what was
+    saved before is intact. Other RuntimeErrors pass unchanged."""
+    try:
+        yield path
+    except (OSError, RuntimeError) as err:
+        cause = err if isinstance(err, OSError) else err.__context__
+        if not isinstance(cause, OSError):
+            raise
+        reason = cause.strerror or str(cause)
+        raise OSError(f'{path}: could not be written ({reason}); the files saved before it are intact') from err
 
 
 def read_jsonl(path):
@@ -442,6 +488,12 @@ def load_training_state(path, required_keys=STATE_KEYS, mmap=False):
         missing = ['config (not a dict)']
     if missing:
         raise _refuse(path, f'incomplete training state (missing {", ".join(missing)})', USE_EARLIER)
+    if required_keys == STATE_KEYS:
+        from training.state import check_fields
+        try:
+            check_fields(state)
+        except ValueError as err:
+            raise _refuse(path, str(err), USE_EARLIER) from None
     return state
 
 

@@ -26,7 +26,7 @@ from training import (checkpoint, config, consistency, freeze, generator, loss a
                       steps)
 from training.dataset import ImageFolderDataset
 from training.image_grid import save_image_grid
-from training.state import TrainingState
+from training.state import TrainingState, restoring
 
 DIFFUSION_LOSSES = {'edm': losses.EDMLoss, 'vp': losses.VPLoss, 've': losses.VELoss}
 
@@ -130,13 +130,16 @@ def check_resume_data(path, saved, dataset):
 
 
 @contextlib.contextmanager
-def open_run_dir(run_dir, log):
+def open_run_dir(run_dir, log, fresh):
     """Rank 0 holds the run directory's lock and log.txt copies stdout/stderr while the block runs; an
-    expected failure is written to log.txt as one line before it propagates."""
+    expected failure is written to log.txt as one line before it propagates. A `fresh` run (not a resume)
+    refuses a folder that holds another run, before writing anything into it."""
     if dist.rank() != 0:
         yield
         return
     with rundir.RunDirLock(run_dir, log):
+        if fresh:
+            rundir.refuse_other_run(run_dir)
         logger = rundir.Logger(os.path.join(run_dir, 'log.txt'))
         try:
             yield
@@ -148,7 +151,7 @@ def open_run_dir(run_dir, log):
 
 
 def write_json(path, data):
-    with dnnlib.atomic_write(path, 'w') as f:
+    with rundir.saving(path), dnnlib.atomic_write(path, 'w') as f:
         json.dump(data, f, indent=2)
 
 
@@ -162,11 +165,16 @@ def rebuild_generator(record, cfg, log):
     return checkpoint.build_network(dict(record, init_kwargs=dict(kwargs, use_fp16=use_fp16)))
 
 
-def build_training(cfg, plan, dataset, saved, device, log):
-    """G, EMA, D and both optimisers as one TrainingState (restored from `saved` when resuming), with the
-    current options' learning rates applied (a resumed run takes the new --lr/--dlr/--r1-gamma)."""
+def build_training(cfg, plan, dataset, saved, device, log, resume_path=None):
+    """G, EMA, D and both optimisers as one TrainingState (restored from `saved`, read from `resume_path`,
+    when resuming), with the current options' learning rates applied (a resumed run takes the new
+    --lr/--dlr/--r1-gamma)."""
     gan = cfg.loss == 'd2o'
-    G = rebuild_generator(saved['G_record'], cfg, log) if saved else generator.build_generator(cfg, dataset, log)
+    if saved:
+        with restoring(resume_path, 'G_record'):
+            G = rebuild_generator(saved['G_record'], cfg, log)
+    else:
+        G = generator.build_generator(cfg, dataset, log)
     G.train().requires_grad_(True).to(device)
     ema = copy.deepcopy(G).eval().requires_grad_(False)
     trainable = freeze.select_trainable(G, level=cfg.freeze, train_groups=cfg.train_groups)
@@ -184,7 +192,7 @@ def build_training(cfg, plan, dataset, saved, device, log):
             f'trainable parameters; feature weights: {D.weights_info}')
     state = TrainingState(G=G, G_ema=ema, opt_G=opt_g, D=D, opt_D=opt_d)
     if saved:
-        state.load(saved)
+        state.load(saved, resume_path)
     steps.apply_settings(opt_g, steps.g_adam_settings(cfg.lr, gan))
     if opt_d is not None:
         steps.apply_settings(opt_d, steps.d_adam_settings(cfg.dlr, cfg.r1_gamma))
@@ -294,7 +302,8 @@ class RunOutputs:
 
     def stats(self, record):
         if self.rank == 0:
-            rundir.append_jsonl(self.path('stats.jsonl'), record)
+            with rundir.saving(self.path('stats.jsonl')):
+                rundir.append_jsonl(self.path('stats.jsonl'), record)
 
     def sample(self, seeds, batch):
         """uint8 NHWC images of the EMA generator for `seeds` (grids and FID)."""
@@ -308,14 +317,17 @@ class RunOutputs:
         if self.rank == 0:
             snap = dict(ema=copy.deepcopy(s.G_ema).cpu(), net=copy.deepcopy(s.G).eval().requires_grad_(False).cpu(),
                         augment_pipe=None, dataset_kwargs=self.dataset.dataset_kwargs())
-            checkpoint.save_snapshot(self.path(f'network-snapshot-{self.tag()}.pkl'), snap)
+            with rundir.saving(self.path(f'network-snapshot-{self.tag()}.pkl')) as path:
+                checkpoint.save_snapshot(path, snap)
             images = self.sample(list(range(self.cfg.grid_seeds)), self.cfg.batch_gpu)
-            save_image_grid(images.cpu().numpy(), self.path(f'fakes-{self.tag()}.png'))
+            with rundir.saving(self.path(f'fakes-{self.tag()}.png')) as path:
+                save_image_grid(images.cpu().numpy(), path)
         dist.barrier()
 
     def dump(self, options):
         path = self.path(f'training-state-{self.tag()}.pt')
-        self.state.save(path, options)
+        with rundir.saving(path):
+            self.state.save(path, options)
         dist.barrier()
         self.last_state = path
 
@@ -386,12 +398,12 @@ def run(cfg):
         check_resume_data(resume_path, saved, dataset)
     run_dir = dist.broadcast_object(os.path.dirname(os.path.abspath(resume_path)) if resume_path else
                                     rundir.make_run_dir(cfg, dataset.name, world, cfg.batch) if rank == 0 else None)
-    with open_run_dir(run_dir, log), rundir.StopSignals() as stop:
+    with open_run_dir(run_dir, log, fresh=saved is None), rundir.StopSignals() as stop:
         log('\n'.join([f'Run directory: {run_dir}'] + resume_notes))
         log(f'Dataset: {cfg.data}: {len(dataset)} images, {dataset.num_channels}x{dataset.resolution}^2, '
             f'label_dim {dataset.label_dim}')
         log(f'Processes: {world}, batch {cfg.batch} = {cfg.batch_gpu} per process x {plan.rounds} rounds x {world}')
-        state = build_training(cfg, plan, dataset, saved, device, log)
+        state = build_training(cfg, plan, dataset, saved, device, log, resume_path)
         teacher, lpips = build_cd_teacher(cfg, saved, dataset, device, log)
         if saved:
             log(f'Resumed from {resume_path} at {state.cur_nimg / 1000:.3f} kimg')
