@@ -161,7 +161,8 @@ def test_convert_refuses_bad_destinations_and_keeps_existing_files(demo_pair, tm
     assert existing.read_bytes() == b'mine'
     line = error_line(*run(checkpoint_tool.main, 'convert', f'--source={DEMO_TEACHER}', f'--dest={tmp_path}/x.pkl'))
     assert line.endswith('x.pkl: expected a file name ending in .safetensors')
-    line = error_line(*run(checkpoint_tool.main, 'convert', f'--source={tmp_path}/none.pkl', f'--dest={tmp_path}/y.safetensors'))
+    line = error_line(*run(checkpoint_tool.main, 'convert', f'--source={tmp_path}/none.pkl',
+                           f'--dest={tmp_path}/y.safetensors'))
     assert line == f'Error: {tmp_path}/none.pkl: no such file' and not (tmp_path / 'y.safetensors').exists()
 
 #----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from training import checkpoint
 
 METADATA_KEY = 'd2o_snapshot'
 FORMAT_VERSION = 1
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+MAX_HEADER_BYTES = 8 << 20  # ~60,000 tensor entries; safetensors allows 100 MB, whose JSON could take GBs to parse
 KEY_PATTERN = re.compile(r'[A-Za-z_][A-Za-z0-9_]{0,31}')
 MAX_NETWORKS = 8
 DTYPE_NAMES = {torch.float32: 'F32', torch.float16: 'F16', torch.bfloat16: 'BF16', torch.float64: 'F64',
@@ -68,7 +68,8 @@ def _check_argument(name, value, where, depth=0):
         for item in value:
             _check_argument(name, item, where, depth + 1)
         return
-    if isinstance(value, dict) and len(value) <= MAX_KEYS and depth < MAX_DEPTH and all(isinstance(k, str) for k in value):
+    if (isinstance(value, dict) and len(value) <= MAX_KEYS and depth < MAX_DEPTH
+            and all(isinstance(k, str) for k in value)):
         for key, item in value.items():
             _check_argument(key, item, where, depth + 1)
         return
