@@ -203,7 +203,7 @@ TAMPERED = {
     'unknown class': (dict(edit_meta=_set(['networks', 'ema', 'class_name'], 'os.system')),
                       "network 'ema': unknown network class 'os.system'; expected one of"),
     'huge num_blocks': (dict(edit_meta=_set(['networks', 'ema', 'init_kwargs', 'num_blocks'], 4000)),
-                        "network 'ema': constructor argument num_blocks=4000 is out of range (at most 32)"),
+                        "network 'ema': constructor argument num_blocks=4000 is out of range (at most 8)"),
     'huge list': (dict(edit_meta=_set(['networks', 'ema', 'init_kwargs', 'channel_mult'], [1] * 1000)),
                   'constructor argument channel_mult is a list that is too long or too deep'),
     'bad argument': (dict(edit_meta=_set(['networks', 'ema', 'init_kwargs', 'model_type'], 'Nope')),

@@ -39,12 +39,13 @@ DTYPE_NAMES = {torch.float32: 'F32', torch.float16: 'F16', torch.bfloat16: 'BF16
                torch.int64: 'I64', torch.int32: 'I32', torch.uint8: 'U8', torch.bool: 'BOOL'}
 
 # Bounds on constructor arguments read from a file, checked before anything is built: building costs
-# time in the block count (and iDDPM's M), so a tiny file could ask for minutes of work. Far above every
-# released EDM/D2O model (ImageNet-64 ADM: 192 channels, 3 blocks, 4 levels, 1000 labels).
+# time and memory in levels x blocks (and iDDPM's loop over M), so a tiny file could ask for minutes of
+# work. Well above every released EDM/D2O model (CIFAR-10: 4 blocks, 4 levels; ImageNet-64 ADM: 192
+# channels, 3 blocks, 4 levels, 1000 labels; iDDPM: M = 1000); the largest record allowed builds in seconds.
 ARGUMENT_LIMITS = dict(img_resolution=4096, img_channels=64, label_dim=100_000, augment_dim=1024,
-                       model_channels=4096, num_blocks=32, channel_mult_emb=64, channel_mult_noise=64, M=10_000)
+                       model_channels=4096, num_blocks=8, channel_mult_emb=64, channel_mult_noise=64, M=2000)
 MAX_INTEGER = 65536  # any other integer argument, and list entries such as channel_mult
-MAX_LIST = 16        # channel_mult, attn_resolutions, resample_filter
+MAX_LIST = 8         # channel_mult (the levels), attn_resolutions, resample_filter
 MAX_KEYS = 64
 MAX_STRING = 256
 MAX_DEPTH = 3
