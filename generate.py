@@ -230,7 +230,8 @@ def write_images(images, outdir, subdirs, keep, progress_total):
 
 
 @click.command(cls=OneLineErrors)
-@click.option('--network', 'network_pkl', help='Network pickle path or URL', metavar='PKL|URL', required=True)
+@click.option('--network', 'network_pkl', help='Network snapshot (.pkl or .safetensors) path or URL',
+              metavar='PKL|URL', required=True)
 @click.option('--outdir', help='Where to save the PNGs: a folder, or a .zip archive', metavar='DIR|ZIP')
 @click.option('--subdirs', help='Put images in subfolders of 1000 seeds', is_flag=True)
 @click.option('--seeds', help='Random seeds, e.g. 1,2,5-10', metavar='LIST', default='0-63', show_default=True,

@@ -67,7 +67,7 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @option('--arch', help='Generator architecture', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']))
 @option('--precond', help='Preconditioning (d2o for generators; a diffusion loss with d2o uses edm)',
         type=click.Choice(['d2o', 'edm', 'vp', 've']))
-@option('--transfer', help='Initialise G from this EDM/D2O pickle (its ema)', metavar='PKL|URL')
+@option('--transfer', help='Initialise G from this EDM/D2O snapshot, .pkl or .safetensors (its ema)', metavar='PKL|URL')
 @option('--allow-unsafe-pickle', help='Load pickles with embedded code the way EDM does (RUNS THEIR CODE)',
         is_flag=True, default=None)
 @option('--cbase', help='Channel base (model_channels)', type=click.IntRange(min=1))

@@ -184,7 +184,13 @@ def load_snapshot(source, allow_unsafe_pickle=False):
 
     allow_unsafe_pickle=True reads the file with plain `pickle` and EDM's persistence semantics, which
     executes the module source embedded in the file — and any other code a malicious pickle carries.
-    Use it only for files from a trusted source that the safe loader refuses."""
+    Use it only for files from a trusted source that the safe loader refuses.
+
+    A `.safetensors` snapshot (checkpoint_tool.py convert; docs/checkpoint-format.md §9) holds no code, so it
+    is read the same way in both modes."""
+    from training import safetensors_snapshot  # imports this module
+    if safetensors_snapshot.is_safetensors(source):
+        return safetensors_snapshot.load_snapshot(source)
     name = str(source)
     with dnnlib.util.open_url(source) as f:
         data = _read_trusted(f, name) if allow_unsafe_pickle else \
