@@ -28,7 +28,7 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from dnnlib import atomic_write, debug_requested
+from dnnlib import atomic_write, cli as cli_policy
 from torch_utils import safe_pickle
 from training.dataset import decode_image, is_image_file, labels_to_array, parse_label_pairs
 from training.synth import synth_image
@@ -38,8 +38,6 @@ from training.synth import synth_image
 NUMPY_PICKLE_GLOBALS = {**safe_pickle.NUMPY_GLOBALS, ('_codecs', 'encode'): safe_pickle.encode_latin1}
 # What a destination folder may hold for --force to replace it: EDM's layout and nothing else.
 DATASET_FOLDER_ENTRY = re.compile(r'dataset\.json|\d{5}/img\d{8}\.(png|jpg|jpeg|webp|bmp)')
-# Failures of bad input, not bugs: one line `Error: ...`, exit 1 (tracebacks with --debug or D2O_DEBUG=1).
-EXPECTED_ERRORS = (ValueError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, tarfile.TarError)
 
 
 def load_numpy_pickle(file, source):
@@ -363,24 +361,19 @@ def parse_resolution(value):
     return w, h
 
 
-class _Cli(click.Group):
-    """Turns expected failures of any command into click's one-line `Error: ...` with exit status 1."""
+class WarningLines(cli_policy.Group):
+    """A warning (e.g. RGBA converted) is one plain line above the progress bar, not Python's two-line form."""
 
     def invoke(self, ctx):
-        try:
-            with warnings.catch_warnings():  # e.g. RGBA converted: one plain line above the progress bar
-                warnings.showwarning = lambda message, *_args, **_kwargs: tqdm.write(f'Warning: {message}',
-                                                                                      file=sys.stderr)
-                return super().invoke(ctx)
-        except EXPECTED_ERRORS as err:
-            if ctx.params.get('debug') or debug_requested():
-                raise
-            raise click.ClickException(str(err) or err.__class__.__name__) from None
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *_args, **_kwargs: tqdm.write(f'Warning: {message}',
+                                                                                  file=sys.stderr)
+            return super().invoke(ctx)
 
 
-@click.group(cls=_Cli)
-@click.option('--debug', help='Show the traceback of a failure (or set D2O_DEBUG=1)', is_flag=True)
-def cli(debug):
+@click.group(cls=WarningLines)
+@cli_policy.debug_option
+def cli():
     """Dataset preparation in EDM's format."""
 
 
