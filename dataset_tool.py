@@ -29,8 +29,10 @@ import PIL.Image
 from tqdm import tqdm
 
 from dnnlib import atomic_write, cli as cli_policy
+from dnnlib.util import with_umask
 from torch_utils import safe_pickle
-from training.dataset import decode_image, is_image_file, labels_to_array, parse_label_pairs
+from training.dataset import (MAX_JSON_BYTES, check_label_names, decode_image, is_image_file, labels_to_array,
+                              parse_label_pairs, read_regular_file, read_zip_member)
 from training.synth import synth_image
 
 # CIFAR-10 batches and MNIST's pickle hold numpy arrays only (plus latin1 bytes in protocol-2 pickles):
@@ -162,8 +164,9 @@ def iterate_images(source, folder_labels):
     if os.path.isfile(source) and zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as zf:
             names = sorted(n for n in zf.namelist() if is_image_file(n))
-            labels = read_labels_json(zf.read('dataset.json'), source) if 'dataset.json' in zf.namelist() else None
-            yield from _decoded(names, labels, lambda name: zf.read(name), source)
+            labels = read_labels_json(read_zip_member(zf, 'dataset.json', f'{source}: dataset.json', MAX_JSON_BYTES),
+                                      source) if 'dataset.json' in zf.namelist() else None
+            yield from _decoded(names, labels, lambda name: read_zip_member(zf, name, f'{source}: {name}'), source)
         return
     if not os.path.isdir(source):
         raise click.ClickException(f'--source={source}: expected a folder, an EDM zip, cifar-10-python.tar.gz or '
@@ -171,24 +174,18 @@ def iterate_images(source, folder_labels):
     names = sorted(os.path.relpath(os.path.join(r, f), source).replace('\\', '/')
                    for r, _d, files in os.walk(source) for f in files if is_image_file(f))
     labels = None
-    if os.path.isfile(os.path.join(source, 'dataset.json')):
-        with open(os.path.join(source, 'dataset.json'), 'rb') as f:
-            labels = read_labels_json(f.read(), source)
+    json_path = os.path.join(source, 'dataset.json')
+    if os.path.isfile(json_path):
+        labels = read_labels_json(read_regular_file(json_path, json_path, MAX_JSON_BYTES), source)
     elif folder_labels:
         labels = folder_class_labels(source, names)
-
-    def read(name):
-        with open(os.path.join(source, name), 'rb') as f:
-            return f.read()
-    yield from _decoded(names, labels, read, source)
+    yield from _decoded(names, labels, lambda name: read_regular_file(os.path.join(source, name),
+                                                                      f'{source}: {name}'), source)
 
 
 def _decoded(names, labels, read, source):
     if labels is not None:  # a partly labelled dataset would be written as unlabelled: refuse
-        missing = [n for n in names if n not in labels]
-        if missing:
-            raise click.ClickException(f'{source}: dataset.json has no label for {missing[0]} '
-                                       f'({len(missing)} image(s) unlabelled)')
+        check_label_names(names, labels, source)
     for name in names:
         yield decode_image(read(name), f'{source}: {name}').transpose(1, 2, 0), \
             None if labels is None else labels[name], f'{source}: {name}'
@@ -324,6 +321,7 @@ class DatasetWriter:
             ctx, self._ctx = self._ctx, None
             ctx.__exit__(None, None, None)  # renames into place, or removes the temporary file and raises
         else:
+            os.chmod(self._tmpdir, with_umask(0o777))  # mkdtemp makes it 0700; the dataset gets a plain folder's mode
             _replace_folder(self._tmpdir, self.dest)
 
     def abort(self):

@@ -30,6 +30,14 @@ class InputError(RuntimeError):
     bug: one line from every CLI (dnnlib/cli.py). A RuntimeError, so callers that catch that still do."""
 
 
+def with_umask(mode):
+    """`mode` as open()/mkdir() would apply it: without the process umask's bits (os.umask can only be read
+    by setting it, so it is set back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode='wb'):
     """Write `path` through a temporary file in the same folder, renamed into place only on success,
@@ -43,9 +51,7 @@ def atomic_write(path, mode='wb'):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, with_umask(0o666))  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -42,7 +42,7 @@ def float_list(ctx, param, value):
 
 def open_network(path, option):
     if not os.path.isfile(path):
-        raise click.BadParameter(f'{path}: no such file', param_hint=option)
+        raise click.ClickException(f'{option}: {path}: no such file')
     net = load_network(path)
     return net.eval().requires_grad_(False)
 
