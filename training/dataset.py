@@ -16,7 +16,7 @@ import numpy as np
 import PIL.Image
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
-MAX_IMAGE_BYTES = 256 << 20  # one image file (an 8000x8000 BMP is 192 MB): a /dev/zero link or zip bomb is refused
+MAX_IMAGE_BYTES = 64 << 20  # one image file (a 4096x4096 RGB BMP is 48 MB): a /dev/zero link or zip bomb is refused
 MAX_JSON_BYTES = 1 << 30  # dataset.json: the labels of tens of millions of images
 MAX_CLASSES = 100_000  # label_dim is the width of the network's class input; a stray 1e9 must not allocate GiBs
 
