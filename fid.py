@@ -11,7 +11,8 @@ precision/recall, CLIP-FID and FD-DINOv2, all in one pass over the images.
 or a reference `.npz` (ours, EDM's `mu`/`sigma`, or guided-diffusion's reference batch; metrics/reference.py).
 Results are printed by rank 0 as `name value` lines (`fid`, `is_mean`, `is_std`, `precision`, `recall`,
 `clip_fid`, `fd_dinov2`). Errors follow dnnlib/cli.py: a usage error exits 2, an expected failure is one
-line and exit status 1; `--debug` (or D2O_DEBUG=1) shows the traceback. Under torchrun, put `--` before `calc` when passing `--num`."""
+line and exit status 1; `--debug` (or D2O_DEBUG=1) shows the traceback. Under torchrun, put `--` before `calc`
+when passing `--num`."""
 import json
 import os
 import zipfile

@@ -152,7 +152,7 @@ def load_generator(network_pkl, key, allow_unsafe_pickle):
     try:
         with cli.task(f'loading --network={network_pkl}'):
             net = load_network(network_pkl, key=key, allow_unsafe_pickle=allow_unsafe_pickle)
-    except Exception as err:  # noqa: BLE001 — the file's fault (not a bug) names the option; the cause shows with --debug
+    except Exception as err:  # noqa: BLE001 — a failure that is the file's fault names --network (cause: --debug)
         if not cli.is_expected(err):
             raise
         raise click.ClickException(f'--network: {cli.describe(err, "generate.py")}') from err

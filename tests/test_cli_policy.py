@@ -21,8 +21,8 @@ from dnnlib.util import InputError, debug_enabled
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every entry point: (how a user runs it, module, the click command's name in it).
 ENTRY_POINTS = [('train.py', 'train', 'main'), ('generate.py', 'generate', 'main'), ('fid.py', 'fid', 'main'),
-                ('dataset_tool.py', 'dataset_tool', 'cli'), ('python -m training.analysis', 'training.analysis.__main__',
-                                                             'main'),
+                ('dataset_tool.py', 'dataset_tool', 'cli'),
+                ('python -m training.analysis', 'training.analysis.__main__', 'main'),
                 ('demo.py', 'demo', 'main'), ('python -m bench', 'bench.__main__', 'main'),
                 ('python -m bench.gpu_check', 'bench.gpu_check', 'main'),
                 ('python -m bench.train_step', 'bench.train_step', 'main'),

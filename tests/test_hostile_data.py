@@ -333,7 +333,8 @@ def test_zip_member_inflating_past_the_cap_is_refused_before_inflating(tmp_path)
 
 def test_dataset_json_with_a_duplicate_or_a_stray_label_is_refused(tmp_path):
     images = good_images(2)
-    for labels, message in (([['a.png', 0], ['a.png', 1], ['b.png', 0]], 'dataset.json lists a.png twice; expected one label per image'),
+    for labels, message in (([['a.png', 0], ['a.png', 1], ['b.png', 0]],
+                             'dataset.json lists a.png twice; expected one label per image'),
                             ([['a.png', 0], ['b.png', 1], ['c.png', 1]],
                              'dataset.json has a label for c.png, which is not an image of the dataset')):
         src = tmp_path / f'src{len(message)}'
