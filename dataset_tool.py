@@ -13,7 +13,6 @@ import importlib.util
 import io
 import json
 import os
-import pickle
 import re
 import shutil
 import sys

@@ -73,11 +73,6 @@ def debug_enabled():
     raise ValueError(f'D2O_DEBUG={os.environ["D2O_DEBUG"]!r}: expected 1/true/yes/on or 0/false/no/off (or unset)')
 
 
-def debug_requested(args=()):
-    """`--debug` among `args`, or D2O_DEBUG on (debug_enabled)."""
-    return '--debug' in args or debug_enabled()
-
-
 def make_cache_dir_path(*paths):
     """Download cache root: $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib (EDM's layout)."""
     root = os.environ.get('DNNLIB_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'dnnlib')
