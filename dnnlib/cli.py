@@ -77,8 +77,14 @@ def program_name():
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'd2o'
 
 
+def is_rank_0():
+    """torchrun's RANK, read here rather than from torch_utils.distributed: a usage error comes before the
+    process group exists, and this module does not import torch. The other ranks fail the same way, silently."""
+    return int(os.environ.get('RANK', '0') or 0) == 0
+
+
 def say(line):
-    if int(os.environ.get('RANK', '0') or 0) == 0:  # torchrun: the other ranks fail the same way, silently
+    if is_rank_0():
         click.echo(line, err=True)
 
 
@@ -109,7 +115,7 @@ def run(command, args, prog_name, extra):
             traceback.print_exception(err)
         if isinstance(err, click.UsageError) and err.ctx is None:
             err.ctx = ctx  # a value refused after parsing (e.g. --class for this network): usage line too
-        if int(os.environ.get('RANK', '0') or 0) == 0:
+        if is_rank_0():
             err.message = ' '.join(err.message.split())
             err.show()
         sys.exit(err.exit_code)
