@@ -407,7 +407,8 @@ def convert(source, dest, split, resolution, transform, max_images, folder_label
             if max_images is not None and i >= max_images:
                 return
             yield resize(img), label, name
-    n = write_dataset(transformed(), dest, force, total=total, source=source_path)
+    with cli_policy.task(f'converting --source={source}'):
+        n = write_dataset(transformed(), dest, force, total=total, source=source_path)
     click.echo(f'Wrote {n} images to {dest}')
 
 

@@ -218,8 +218,9 @@ def calc_command(image_path, ref_path, num, seed, which, detector, clip_weights,
     check_writable(json_path, '--json')
     dist.init()
     which = suite.parse_metrics(which)
-    results = calc(image_path, ref_path, num, seed, batch, which,
-                   weight_sources(detector, clip_weights, dinov2_weights), workers)
+    with cli.task(f'computing {",".join(which)} of --images={image_path}'):
+        results = calc(image_path, ref_path, num, seed, batch, which,
+                       weight_sources(detector, clip_weights, dinov2_weights), workers)
     for name, value in results.items():
         dist.print0(f'{name} {value:g}')
     if json_path and dist.rank() == 0:

@@ -43,7 +43,8 @@ def float_list(ctx, param, value):
 def open_network(path, option):
     if not os.path.isfile(path):
         raise click.ClickException(f'{option}: {path}: no such file')
-    net = load_network(path)
+    with cli.task(f'loading {option}={path}'):
+        net = load_network(path)
     return net.eval().requires_grad_(False)
 
 
