@@ -17,7 +17,7 @@ import re
 import click
 import torch
 
-from generate import OneLineErrors
+from dnnlib import cli
 from training import checkpoint, safetensors_snapshot, state as training_state
 
 
@@ -82,7 +82,7 @@ def _check_dest(source, dest, force):
         raise click.BadParameter(f'{dest} exists; pass --force to replace it', param_hint='--dest')
 
 
-@click.group(cls=type('OneLineGroup', (OneLineErrors, click.Group), {}), no_args_is_help=False)
+@click.group(cls=cli.Group, no_args_is_help=False)
 def main():
     """Convert network snapshots to safetensors and show what a checkpoint holds."""
 
@@ -92,8 +92,8 @@ def main():
 @click.option('--dest', required=True, metavar='FILE', help='Output .safetensors file (written atomically)')
 @click.option('--force', is_flag=True, help='Replace an existing --dest')
 @click.option('--allow-unsafe-pickle', is_flag=True, help='Let the pickle run its own code (only for trusted files)')
-@click.option('--debug', is_flag=True, help='Show the traceback of an error (also: env D2O_DEBUG=1)')
-def convert(source, dest, force, allow_unsafe_pickle, debug):
+@cli.debug_option
+def convert(source, dest, force, allow_unsafe_pickle):
     """Write the networks of a snapshot or training state as a safetensors file."""
     _check_dest(source, dest, force)
     networks, info = read_source(source, allow_unsafe_pickle)
@@ -114,8 +114,8 @@ def _tensor_counts(shapes):
 @main.command('info')
 @click.option('--source', required=True, metavar='FILE|URL', help='A .safetensors snapshot, snapshot pickle or state')
 @click.option('--allow-unsafe-pickle', is_flag=True, help='Let the pickle run its own code (only for trusted files)')
-@click.option('--debug', is_flag=True, help='Show the traceback of an error (also: env D2O_DEBUG=1)')
-def info(source, allow_unsafe_pickle, debug):
+@cli.debug_option
+def info(source, allow_unsafe_pickle):
     """Print the networks (class, tensor and number counts, constructor arguments) and the metadata of a file;
     a .safetensors file is described from its checked header alone (nothing is built)."""
     if safetensors_snapshot.is_safetensors(source):

@@ -13,7 +13,6 @@ import importlib.util
 import io
 import json
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -28,9 +27,11 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from dnnlib import atomic_write, debug_requested
+from dnnlib import atomic_write, cli as cli_policy
+from dnnlib.util import with_umask
 from torch_utils import safe_pickle
-from training.dataset import decode_image, is_image_file, labels_to_array, parse_label_pairs
+from training.dataset import (MAX_JSON_BYTES, check_label_names, decode_image, is_image_file, labels_to_array,
+                              parse_label_pairs, read_regular_file, read_zip_member)
 from training.synth import synth_image
 
 # CIFAR-10 batches and MNIST's pickle hold numpy arrays only (plus latin1 bytes in protocol-2 pickles):
@@ -38,8 +39,6 @@ from training.synth import synth_image
 NUMPY_PICKLE_GLOBALS = {**safe_pickle.NUMPY_GLOBALS, ('_codecs', 'encode'): safe_pickle.encode_latin1}
 # What a destination folder may hold for --force to replace it: EDM's layout and nothing else.
 DATASET_FOLDER_ENTRY = re.compile(r'dataset\.json|\d{5}/img\d{8}\.(png|jpg|jpeg|webp|bmp)')
-# Failures of bad input, not bugs: one line `Error: ...`, exit 1 (tracebacks with --debug or D2O_DEBUG=1).
-EXPECTED_ERRORS = (ValueError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, tarfile.TarError)
 
 
 def load_numpy_pickle(file, source):
@@ -164,8 +163,9 @@ def iterate_images(source, folder_labels):
     if os.path.isfile(source) and zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as zf:
             names = sorted(n for n in zf.namelist() if is_image_file(n))
-            labels = read_labels_json(zf.read('dataset.json'), source) if 'dataset.json' in zf.namelist() else None
-            yield from _decoded(names, labels, lambda name: zf.read(name), source)
+            labels = read_labels_json(read_zip_member(zf, 'dataset.json', f'{source}: dataset.json', MAX_JSON_BYTES),
+                                      source) if 'dataset.json' in zf.namelist() else None
+            yield from _decoded(names, labels, lambda name: read_zip_member(zf, name, f'{source}: {name}'), source)
         return
     if not os.path.isdir(source):
         raise click.ClickException(f'--source={source}: expected a folder, an EDM zip, cifar-10-python.tar.gz or '
@@ -173,24 +173,18 @@ def iterate_images(source, folder_labels):
     names = sorted(os.path.relpath(os.path.join(r, f), source).replace('\\', '/')
                    for r, _d, files in os.walk(source) for f in files if is_image_file(f))
     labels = None
-    if os.path.isfile(os.path.join(source, 'dataset.json')):
-        with open(os.path.join(source, 'dataset.json'), 'rb') as f:
-            labels = read_labels_json(f.read(), source)
+    json_path = os.path.join(source, 'dataset.json')
+    if os.path.isfile(json_path):
+        labels = read_labels_json(read_regular_file(json_path, json_path, MAX_JSON_BYTES), source)
     elif folder_labels:
         labels = folder_class_labels(source, names)
-
-    def read(name):
-        with open(os.path.join(source, name), 'rb') as f:
-            return f.read()
-    yield from _decoded(names, labels, read, source)
+    yield from _decoded(names, labels, lambda name: read_regular_file(os.path.join(source, name),
+                                                                      f'{source}: {name}'), source)
 
 
 def _decoded(names, labels, read, source):
     if labels is not None:  # a partly labelled dataset would be written as unlabelled: refuse
-        missing = [n for n in names if n not in labels]
-        if missing:
-            raise click.ClickException(f'{source}: dataset.json has no label for {missing[0]} '
-                                       f'({len(missing)} image(s) unlabelled)')
+        check_label_names(names, labels, source)
     for name in names:
         yield decode_image(read(name), f'{source}: {name}').transpose(1, 2, 0), \
             None if labels is None else labels[name], f'{source}: {name}'
@@ -326,6 +320,7 @@ class DatasetWriter:
             ctx, self._ctx = self._ctx, None
             ctx.__exit__(None, None, None)  # renames into place, or removes the temporary file and raises
         else:
+            os.chmod(self._tmpdir, with_umask(0o777))  # mkdtemp makes it 0700; the dataset gets a plain folder's mode
             _replace_folder(self._tmpdir, self.dest)
 
     def abort(self):
@@ -363,24 +358,19 @@ def parse_resolution(value):
     return w, h
 
 
-class _Cli(click.Group):
-    """Turns expected failures of any command into click's one-line `Error: ...` with exit status 1."""
+class WarningLines(cli_policy.Group):
+    """A warning (e.g. RGBA converted) is one plain line above the progress bar, not Python's two-line form."""
 
     def invoke(self, ctx):
-        try:
-            with warnings.catch_warnings():  # e.g. RGBA converted: one plain line above the progress bar
-                warnings.showwarning = lambda message, *_args, **_kwargs: tqdm.write(f'Warning: {message}',
-                                                                                      file=sys.stderr)
-                return super().invoke(ctx)
-        except EXPECTED_ERRORS as err:
-            if ctx.params.get('debug') or debug_requested():
-                raise
-            raise click.ClickException(str(err) or err.__class__.__name__) from None
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *_args, **_kwargs: tqdm.write(f'Warning: {message}',
+                                                                                  file=sys.stderr)
+            return super().invoke(ctx)
 
 
-@click.group(cls=_Cli)
-@click.option('--debug', help='Show the traceback of a failure (or set D2O_DEBUG=1)', is_flag=True)
-def cli(debug):
+@click.group(cls=WarningLines)
+@cli_policy.debug_option
+def cli():
     """Dataset preparation in EDM's format."""
 
 
@@ -417,7 +407,8 @@ def convert(source, dest, split, resolution, transform, max_images, folder_label
             if max_images is not None and i >= max_images:
                 return
             yield resize(img), label, name
-    n = write_dataset(transformed(), dest, force, total=total, source=source_path)
+    with cli_policy.task(f'converting --source={source}'):
+        n = write_dataset(transformed(), dest, force, total=total, source=source_path)
     click.echo(f'Wrote {n} images to {dest}')
 
 

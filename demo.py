@@ -23,6 +23,7 @@ import click
 import numpy as np
 import PIL.Image
 
+from dnnlib import cli
 from dnnlib.util import atomic_write
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -513,7 +514,8 @@ def write_report(cfg, ds, runs, fids, curves, timings, wall):
     return lines
 
 
-@click.command()
+@click.command(cls=cli.Command)
+@cli.debug_option
 @click.option('--outdir', default='demo-out', show_default=True)
 @click.option('--dataset', help='Demo dataset', type=click.Choice(sorted(DATASETS)), default='mnist', show_default=True)
 @click.option('--num-fid', help='Images per FID (all FIDs use the same N)', default=300, show_default=True)

@@ -10,18 +10,17 @@ precision/recall, CLIP-FID and FD-DINOv2, all in one pass over the images.
 [N, H, W, C] images (D2O's image_pack.npz, guided-diffusion's batches). `--ref`: a folder/zip of images,
 or a reference `.npz` (ours, EDM's `mu`/`sigma`, or guided-diffusion's reference batch; metrics/reference.py).
 Results are printed by rank 0 as `name value` lines (`fid`, `is_mean`, `is_std`, `precision`, `recall`,
-`clip_fid`, `fd_dinov2`). Expected failures end with one line and exit status 1; `--debug` (or
-D2O_DEBUG=1) shows the traceback. Under torchrun, put `--` before `calc` when passing `--num`."""
-import functools
+`clip_fid`, `fd_dinov2`). Errors follow dnnlib/cli.py: a usage error exits 2, an expected failure is one
+line and exit status 1; `--debug` (or D2O_DEBUG=1) shows the traceback. Under torchrun, put `--` before `calc`
+when passing `--num`."""
 import json
 import os
-import zipfile
 
 import click
 import numpy as np
 import torch
 
-from dnnlib import util
+from dnnlib import cli, util
 from metrics import feature_stats, reference as reference_files, suite
 from torch_utils import distributed as dist
 from training.dataset import ImageFolderDataset
@@ -193,23 +192,6 @@ def make_reference(dataset_path, dest_path, which=('fid',), weights=None, batch=
 
 
 # --- CLI -------------------------------------------------------------------------------------------
-def user_errors(fn):
-    """Expected failures → one line on stderr, exit status 1 (from rank 0; others exit quietly);
-    `--debug` or D2O_DEBUG=1 re-raises them with the traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, debug=False, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, OSError, RuntimeError, zipfile.BadZipFile) as err:
-            if debug or util.debug_requested():
-                raise
-            if dist.rank() != 0:
-                raise SystemExit(1) from None
-            raise click.ClickException(' '.join(line.strip() for line in str(err).splitlines() if line.strip())) \
-                from None
-    return wrapper
-
-
 def common_options(fn):
     options = [
         click.option('--metrics', 'which', metavar='LIST', default='fid', show_default=True,
@@ -221,7 +203,7 @@ def common_options(fn):
                      help='Maximum batch size per process'),
         click.option('--workers', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True,
                      help='DataLoader worker processes'),
-        click.option('--debug', is_flag=True, help='Show tracebacks of expected errors (also D2O_DEBUG=1)'),
+        cli.debug_option,
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -232,7 +214,7 @@ def weight_sources(detector, clip_weights, dinov2_weights):
     return dict(inception=detector, clip=clip_weights, dinov2=dinov2_weights)
 
 
-@click.group()
+@click.group(cls=cli.Group)
 def main():
     """Compute reference statistics (`ref`) or metrics of generated images (`calc`); run under torchrun
     to shard the feature extraction over GPUs."""
@@ -246,15 +228,15 @@ def main():
 @click.option('--seed', metavar='INT', type=int, default=0, show_default=True, help='Subset seed when more exist')
 @click.option('--json', 'json_path', metavar='PATH', help='Also write the results (and inputs) as a JSON file')
 @common_options
-@user_errors
 def calc_command(image_path, ref_path, num, seed, which, detector, clip_weights, dinov2_weights, batch, workers,
                  json_path):
     """Metrics of generated images against a reference."""
     check_writable(json_path, '--json')
     dist.init()
     which = suite.parse_metrics(which)
-    results = calc(image_path, ref_path, num, seed, batch, which,
-                   weight_sources(detector, clip_weights, dinov2_weights), workers)
+    with cli.task(f'computing {",".join(which)} of --images={image_path}'):
+        results = calc(image_path, ref_path, num, seed, batch, which,
+                       weight_sources(detector, clip_weights, dinov2_weights), workers)
     for name, value in results.items():
         dist.print0(f'{name} {value:g}')
     if json_path and dist.rank() == 0:
@@ -266,7 +248,6 @@ def calc_command(image_path, ref_path, num, seed, which, detector, clip_weights,
 @click.option('--data', 'dataset_path', metavar='DIR|ZIP|NPZ', required=True, help='Dataset images (all are used)')
 @click.option('--dest', 'dest_path', metavar='NPZ', required=True, help='Output statistics file')
 @common_options
-@user_errors
 def ref_command(dataset_path, dest_path, which, detector, clip_weights, dinov2_weights, batch, workers):
     """Reference statistics of a dataset: EDM's fid-refs/*.npz (`mu`, `sigma`) plus every other metric's."""
     check_writable(dest_path, '--dest')

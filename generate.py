@@ -7,9 +7,6 @@ Examples:
 import contextlib
 import io
 import os
-import pickle
-import sys
-import traceback
 import zipfile
 
 import click
@@ -17,7 +14,8 @@ import PIL.Image
 import torch
 import tqdm
 
-from dnnlib.util import atomic_write, debug_requested, parse_int_list
+from dnnlib import cli
+from dnnlib.util import atomic_write, parse_int_list
 from torch_utils import distributed as dist
 from training.checkpoint import load_network
 from training.image_grid import save_image_grid
@@ -26,38 +24,7 @@ from training.sampling import DEFAULT_STEPS, SAMPLERS, check_class_idx, default_
 POSITIVE = click.FloatRange(min=0, min_open=True)
 NON_NEGATIVE = click.FloatRange(min=0)
 MAX_SEED = (1 << 32) - 1  # latents are drawn from torch.Generator(seed mod 2³²): larger seeds would alias
-# Failures a user can cause (bad file, offline URL, full disk, wrong kind of file): one line, exit status 1.
-EXPECTED_ERRORS = (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
-
-
-def describe(err):
-    """One line for an expected failure; OSError names its file."""
-    if isinstance(err, OSError) and err.filename and err.strerror:
-        return f'{err.filename}: {err.strerror}'
-    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    return message or type(err).__name__
-
-
-class OneLineErrors(click.Command):
-    """Every expected failure ends with `Error: <one line naming the file/option>` and exit status 1 — usage
-    errors included (click would exit 2 with a usage block). `--debug` or D2O_DEBUG=1 shows the traceback."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        args = list(sys.argv[1:] if args is None else args)
-        debug = debug_requested(args)
-        try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-            return result if not standalone_mode else sys.exit(result or 0)
-        except click.ClickException as err:
-            failure, message = err, err.format_message()
-        except click.Abort as err:
-            failure, message = err, 'aborted'
-        except EXPECTED_ERRORS as err:
-            failure, message = err, describe(err)
-        if debug:
-            traceback.print_exception(failure)
-        click.echo(f'Error: {message}', err=True)
-        sys.exit(1)
+MAX_SEEDS = 10_000_000  # images per run: the seed list is held in memory (and far above a 50k FID)
 
 
 def sampler_options(sampler, num_steps):
@@ -71,7 +38,7 @@ def sampler_options(sampler, num_steps):
 
 def _seeds_option(ctx, param, value):
     try:
-        seeds = parse_int_list(value)
+        seeds = parse_int_list(value, limit=MAX_SEEDS)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
     if len(set(seeds)) != len(seeds):
@@ -183,9 +150,12 @@ def load_generator(network_pkl, key, allow_unsafe_pickle):
         dist.barrier()
     dist.print0(f'Loading network from "{network_pkl}"...')
     try:
-        net = load_network(network_pkl, key=key, allow_unsafe_pickle=allow_unsafe_pickle)
-    except EXPECTED_ERRORS as err:
-        raise click.BadParameter(describe(err), param_hint='--network') from err  # the cause shows with --debug
+        with cli.task(f'loading --network={network_pkl}'):
+            net = load_network(network_pkl, key=key, allow_unsafe_pickle=allow_unsafe_pickle)
+    except Exception as err:  # noqa: BLE001 — a failure that is the file's fault names --network (cause: --debug)
+        if not cli.is_expected(err):
+            raise
+        raise click.ClickException(f'--network: {cli.describe(err, "generate.py")}') from err
     if dist.rank() == 0:
         dist.barrier()
     return net.eval().requires_grad_(False)
@@ -229,7 +199,7 @@ def write_images(images, outdir, subdirs, keep, progress_total):
     return kept
 
 
-@click.command(cls=OneLineErrors)
+@click.command(cls=cli.Command)
 @click.option('--network', 'network_pkl', help='Network snapshot (.pkl or .safetensors) path or URL',
               metavar='PKL|URL', required=True)
 @click.option('--outdir', help='Where to save the PNGs: a folder, or a .zip archive', metavar='DIR|ZIP')
@@ -256,9 +226,9 @@ def write_images(images, outdir, subdirs, keep, progress_total):
 @click.option('--grid', help='Also save all images as one grid picture', metavar='PNG')
 @click.option('--device', help='Torch device  [default: cuda (per rank) if available, else cpu]', metavar='STR')
 @click.option('--allow-unsafe-pickle', help='Let the pickle run its own code (only for trusted files)', is_flag=True)
-@click.option('--debug', help='Show the traceback of an error (also: env D2O_DEBUG=1)', is_flag=True)
+@cli.debug_option
 def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, sampler, num_steps, key, grid, device,
-         allow_unsafe_pickle, debug, **sampler_kwargs):
+         allow_unsafe_pickle, **sampler_kwargs):
     """Generate images with an EDM diffusion model (Heun/Euler) or a D2O generator (one/multi-step)."""
     check_outputs(outdir, grid)
     device = check_device(device)
@@ -276,8 +246,9 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, sampler
     dist.print0(f'Generating {len(seeds)} images with the {sampler} sampler to "{outdir or grid}"...')
     images = generate_images(net, seeds, sampler=sampler, num_steps=num_steps, class_idx=class_idx,
                              batch=max_batch_size, rank=rank, world_size=world, device=device, **sampler_kwargs)
-    kept = write_images(images, outdir, subdirs, keep=grid is not None,
-                        progress_total=len(dist.rank_batches(seeds, max_batch_size, rank, world)))
+    with cli.task(f'generating {len(seeds)} images'):
+        kept = write_images(images, outdir, subdirs, keep=grid is not None,
+                            progress_total=len(dist.rank_batches(seeds, max_batch_size, rank, world)))
     if grid:
         kept = gather_images(kept)
         if rank == 0:

@@ -6,21 +6,18 @@
       --batch=8 --duration=0.002 --tick=1 --snap=1 --dump=1
 
 Without --preset the defaults are the CIFAR-10 D2O-F recipe (paper Table 10) except --precision (fp32);
-explicit options override the preset's values. Expected failures print one line and exit with status 1
-(--debug or D2O_DEBUG=1 shows the traceback); after SIGINT/SIGTERM the state is saved and the exit status is
-128 + the signal number (130, 143). See README.md for the recipes and resuming."""
-import pickle
+explicit options override the preset's values. Errors follow dnnlib/cli.py: a usage error exits 2, an
+expected failure prints one line and exits 1 (--debug or D2O_DEBUG=1 shows the traceback); after SIGINT/SIGTERM
+the state is saved and the exit status is 128 + the signal number (130, 143). See README.md for the recipes and
+resuming."""
 import sys
-import zipfile
 
 import click
 
 import dnnlib
+from dnnlib import cli as cli_policy
 from torch_utils import distributed as dist
 from training.config import DEFAULT_NOTES, DEFAULTS, PRESETS, make_config, resolve
-
-# Failures a user can cause (bad options, files, data, a diverging run): one line, exit 1, no traceback.
-EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile)
 
 
 def shown_default(field):
@@ -56,7 +53,7 @@ def str_list(ctx, param, value):
 POSITIVE = click.FloatRange(min=0, min_open=True)
 
 
-@click.command()
+@click.command(cls=cli_policy.Command)
 # Main
 @option('--outdir', help='Where to save the results', metavar='DIR', required=True)
 @option('--data', help='Dataset zip or folder (EDM layout)', metavar='ZIP|DIR', required=True)
@@ -132,8 +129,8 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @option('--nosubdir', help='Write directly into --outdir', is_flag=True, default=None)
 @option('--device', help='Torch device: cpu, cuda or cuda:N')
 @click.option('-n', '--dry-run', help='Print the resolved configuration and exit', is_flag=True)
-@click.option('--debug', help='Show tracebacks of expected failures (also D2O_DEBUG=1)', is_flag=True)
-def main(dry_run, debug, **opts):
+@cli_policy.debug_option
+def main(dry_run, **opts):
     """Fine-tune a diffusion U-Net into a one-step generator with a GAN objective alone (D2O, D2O-F)."""
     dist.init()
     try:
@@ -142,38 +139,19 @@ def main(dry_run, debug, **opts):
         if dry_run:
             dist.print0(f'Derived: {plan}\nDry run; exiting.')
             return
-        from training import training_loop
-        training_loop.run(cfg)
+        from training import run_dir, training_loop
+        try:
+            with cli_policy.task('training'):
+                training_loop.run(cfg)
+        except training_loop.Interrupted as err:  # the state is saved: exit 128 + signum, as a shell would
+            print(f'train.py: {err}', file=sys.stderr)
+            sys.exit(run_dir.exit_status_for_signal(err.signum))
     finally:
         dist.shutdown()
 
 
 def cli(args=None):
-    """Runs `main`; turns expected failures into one line and exit status 1, a signal into 128 + signum."""
-    args = sys.argv[1:] if args is None else args
-    debug = dnnlib.debug_requested(args)
-    try:
-        main.main(args=args, prog_name='train.py', standalone_mode=False)
-    except click.exceptions.Exit as err:
-        sys.exit(err.exit_code)
-    except click.ClickException as err:  # usage errors included: one line, status 1
-        if debug:
-            raise
-        print(f'train.py: error: {err.format_message()}', file=sys.stderr)
-        sys.exit(1)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except EXPECTED_ERRORS as err:
-        if debug:
-            raise
-        print(f'train.py: error: {err}', file=sys.stderr)
-        sys.exit(1)
-    except Exception as err:
-        from training import run_dir, training_loop
-        if isinstance(err, training_loop.Interrupted):
-            print(f'train.py: {err}', file=sys.stderr)
-            sys.exit(run_dir.exit_status_for_signal(err.signum))
-        raise
+    main.main(args, prog_name='train.py')
 
 
 if __name__ == '__main__':

@@ -110,10 +110,11 @@ score() {
     fi
 }
 
-# best LINES...: the result line with the lowest SELECT value
+# best LINES...: the result line with the lowest SELECT value, read from the "name value" pairs that end each
+# line only (a network *named* "... fid 0.5 .pkl" must not be read as its score)
 best() {
     printf '%s\n' "$@" | awk -v key="$SELECT" '{
-        for (i = 1; i < NF; i++) if ($i == key) { v = $(i + 1) + 0; if (!found || v < min) { min = v; line = $0; found = 1 } }
+        for (i = NF - 1; i > 0 && $i ~ /^(fid|is_mean|is_std|precision|recall|clip_fid|fd_dinov2)$/; i -= 2) if ($i == key) { v = $(i + 1) + 0; if (!found || v < min) { min = v; line = $0; found = 1 } }
     } END { if (found) print line; else { print "no " key " in the results" > "/dev/stderr"; exit 1 } }'
 }
 

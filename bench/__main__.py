@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 import dnnlib
+from dnnlib import cli
 from bench import common
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +43,9 @@ def run(module, outdir, name, **options):
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         (Path(outdir) / f'{name}.stderr.txt').write_text(proc.stderr)
-        raise click.ClickException(f'{name}: `{" ".join(args[1:])}` failed (exit {proc.returncode}):\n'
-                                   f'{proc.stderr[-3000:]}')
+        last = (proc.stderr.strip().splitlines() or ['(no stderr)'])[-1]
+        raise click.ClickException(f'{name}: `{" ".join(args[1:])}` failed (exit {proc.returncode}): {last} '
+                                   f'(all of its stderr: {outdir}/{name}.stderr.txt)')
     lines = proc.stdout.splitlines()
     record = json.loads(next(line for line in reversed(lines) if line.startswith('{')))
     for line in lines:
@@ -127,7 +129,8 @@ def report(s):
     return '\n'.join(lines)
 
 
-@click.command()
+@click.command(cls=cli.Command)
+@cli.debug_option
 @click.option('--outdir', type=str, default='bench-out', show_default=True, help='Where results go')
 @click.option('--iters', type=int, default=5, show_default=True, help='Measured training iterations (median)')
 @click.option('--warmup', type=int, default=2, show_default=True, help='Warm-up training iterations')

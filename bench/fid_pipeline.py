@@ -14,6 +14,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from dnnlib import cli
 from bench import common
 from metrics import detector as detector_module
 from metrics.inception import Conv2dLayer, preprocess
@@ -99,7 +100,8 @@ def table(r):
             f'{r["detector_img_s"]:.2f} img/s | {r["speedup"]:.2f}x | max |Δfeature| {r["max_abs_diff"]:.2e}{extra}')
 
 
-@click.command()
+@click.command(cls=cli.Command)
+@cli.debug_option
 @click.option('--num', type=int, default=16, show_default=True, help='Images per timed run')
 @click.option('--batch', type=int, default=8, show_default=True)
 @click.option('--res', type=int, default=32, show_default=True, help='Resolution of the PNGs')

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from dnnlib import cli
 from bench import common
 from torch_utils import distributed as dist
 from training import freeze, generator, loss as losses, networks, steps
@@ -968,7 +969,8 @@ def parse_names(text, option):
     return set(names)
 
 
-@click.command()
+@click.command(cls=cli.Command)
+@cli.debug_option
 @click.option('--outdir', default='gpu-check-out', show_default=True, help='Where gpu_check.json/.md/.log go')
 @click.option('--dry', is_flag=True, help='CPU, toy sizes, 2 iterations (tests; the numbers mean nothing)')
 @click.option('--budget', type=click.FloatRange(min=0), default=450, show_default=True,
@@ -1007,19 +1009,5 @@ def main(outdir, dry, budget, only, workdir, inject_fault, nccl_probe, variant_s
     return 1 if failed else 0
 
 
-def cli(args=None):
-    """Bad options: one line and exit status 1 (no traceback)."""
-    try:
-        status = main.main(args=args, prog_name='python -m bench.gpu_check', standalone_mode=False)
-    except click.ClickException as err:
-        print(f'gpu_check: error: {err.format_message()}', file=sys.stderr)
-        sys.exit(1)
-    except click.exceptions.Exit as err:
-        sys.exit(err.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    sys.exit(status or 0)
-
-
 if __name__ == '__main__':
-    cli()
+    main()

@@ -16,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dnnlib
+from dnnlib import cli
 from bench import common, train_step
 from training import config, steps
 
@@ -100,7 +101,8 @@ def markdown(record, tables):
     return '\n'.join(lines)
 
 
-@click.command()
+@click.command(cls=cli.Command)
+@cli.debug_option
 @click.option('--arch', type=click.Choice(['ncsnpp', 'ddpmpp']), default='ncsnpp', show_default=True)
 @click.option('--cbase', type=int, default=128, show_default=True)
 @click.option('--cres', type=str, default='2,2,2', show_default=True)

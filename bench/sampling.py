@@ -8,6 +8,7 @@ import click
 import torch
 
 import dnnlib
+from dnnlib import cli
 from bench import common
 from training import generator, networks, sampling
 
@@ -51,7 +52,8 @@ def table(r):
         f' | one-step / Heun {r["onestep_vs_heun"]:.1f}x'
 
 
-@click.command()
+@click.command(cls=cli.Command)
+@cli.debug_option
 @click.option('--arch', type=click.Choice(['ncsnpp', 'ddpmpp']), default='ncsnpp', show_default=True)
 @click.option('--cbase', type=int, default=128, show_default=True)
 @click.option('--cres', type=str, default='2,2,2', show_default=True)

@@ -23,6 +23,7 @@ import click
 import torch
 
 import dnnlib
+from dnnlib import cli
 from bench import common
 from pg_modules.discriminator import ProjectedDiscriminator
 from pg_modules.frozen_layers import FrozenConv2d, FrozenGroupedConv2d, unfold_batchnorm_
@@ -119,7 +120,8 @@ def table(r):
             f'load {r["load_before"][0]}→{r["load_after"][0]}')
 
 
-@click.command()
+@click.command(cls=cli.Command)
+@cli.debug_option
 @click.option('--arch', type=click.Choice(['ncsnpp', 'ddpmpp']), default='ncsnpp', show_default=True)
 @click.option('--cbase', type=int, default=128, show_default=True, help='Channel base (model_channels)')
 @click.option('--cres', type=str, default='2,2,2', show_default=True, help='Channel multipliers per resolution')

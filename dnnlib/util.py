@@ -25,6 +25,19 @@ class EasyDict(dict):
         del self[name]
 
 
+class InputError(RuntimeError):
+    """A failure that is the input's or the machine's fault (weights that are missing or do not fit), not a
+    bug: one line from every CLI (dnnlib/cli.py). A RuntimeError, so callers that catch that still do."""
+
+
+def with_umask(mode):
+    """`mode` as open()/mkdir() would apply it: without the process umask's bits (os.umask can only be read
+    by setting it, so it is set back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode='wb'):
     """Write `path` through a temporary file in the same folder, renamed into place only on success,
@@ -38,9 +51,7 @@ def atomic_write(path, mode='wb'):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, with_umask(0o666))  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -48,10 +59,18 @@ def atomic_write(path, mode='wb'):
         raise
 
 
-def debug_requested(args=()):
-    """Whether a CLI shows tracebacks of expected failures: `--debug` among `args`, or D2O_DEBUG set to
-    anything but '' or '0'. Every CLI prints expected failures as one line otherwise."""
-    return '--debug' in args or os.environ.get('D2O_DEBUG', '') not in ('', '0')
+FALSE_WORDS = ('', '0', 'false', 'no', 'off', 'n', 'f')
+TRUE_WORDS = ('1', 'true', 'yes', 'on', 'y', 't')
+
+
+def debug_enabled():
+    """Whether D2O_DEBUG asks for tracebacks of expected failures (dnnlib/cli.py): unset or one of
+    FALSE_WORDS (any case) is off, one of TRUE_WORDS is on; anything else is a ValueError, since a guess
+    either way would hide what the user asked for."""
+    value = os.environ.get('D2O_DEBUG', '').strip().lower()
+    if value in FALSE_WORDS or value in TRUE_WORDS:
+        return value in TRUE_WORDS
+    raise ValueError(f'D2O_DEBUG={os.environ["D2O_DEBUG"]!r}: expected 1/true/yes/on or 0/false/no/off (or unset)')
 
 
 def make_cache_dir_path(*paths):
@@ -115,12 +134,13 @@ def open_url(url, cache_dir=None, cache=True, return_filename=False, timeout=30)
     return io.BytesIO(data)
 
 
-def parse_int_list(text):
+def parse_int_list(text, limit=None):
     """'0-3,7,10-11' → [0, 1, 2, 3, 7, 10, 11]: EDM's list/range grammar of non-negative integers, used by
-    every command line (--seeds, --cres, ...). A list passes through unchanged. ValueError names the bad part."""
+    every command line (--seeds, --cres, ...). A list passes through unchanged. ValueError names the bad part,
+    or the count when it exceeds `limit` (checked from the ranges' ends, before any list is built)."""
     if isinstance(text, (list, tuple)):
         return list(text)
-    values = []
+    ranges = []
     for part in str(text).split(','):
         m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
         if not m:
@@ -128,5 +148,8 @@ def parse_int_list(text):
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise ValueError(f'range {part!r} is empty (end before start)')
-        values.extend(range(lo, hi + 1))
-    return values
+        ranges.append(range(lo, hi + 1))
+    count = sum(r.stop - r.start for r in ranges)  # len() overflows past 2**63
+    if limit is not None and count > limit:
+        raise ValueError(f'{text!r} lists {count:,} values; at most {limit:,} are allowed')
+    return [value for r in ranges for value in r]

@@ -18,6 +18,7 @@ import click
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import demo  # noqa: E402  (save_fid_plot: the demo's own plot, so both figures look alike)
+from dnnlib import cli  # noqa: E402
 from dnnlib.util import atomic_write  # noqa: E402
 
 
@@ -42,7 +43,8 @@ def run_points(run_dir):
     return sorted(points.items())
 
 
-@click.command()
+@click.command(cls=cli.Command)
+@cli.debug_option
 @click.option('--run', 'runs', multiple=True, required=True, help='NAME=RUN_DIR (repeatable)')
 @click.option('--level', 'levels', multiple=True, help='NAME=fid-<name>.json from the demo (repeatable)')
 @click.option('--start', type=float, default=None, help='FID at 0 images added to every curve')

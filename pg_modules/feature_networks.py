@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import dnnlib
 from .diffaug import diff_augment
 from .frozen_layers import replace_grouped_convs_, fold_batchnorm_
 from .projector import Projector, reset_conv_parameters_
@@ -78,7 +79,7 @@ def _load_exactly(module, state, name, unexpected=()):
     result = module.load_state_dict(state, strict=False)
     unexpected = list(result.unexpected_keys) + list(unexpected)
     if result.missing_keys or unexpected:
-        raise RuntimeError(f'the weights given for {name} do not fit its architecture: '
+        raise dnnlib.InputError(f'the weights given for {name} do not fit its architecture: '
                            f'{len(result.missing_keys)} missing keys {result.missing_keys[:5]}, '
                            f'{len(unexpected)} unexpected keys {unexpected[:5]}')
 

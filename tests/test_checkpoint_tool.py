@@ -37,10 +37,11 @@ def convert(source, dest):
     return dest
 
 
-def error_line(code, out):
-    """The output of a refused input: exit status 1 and exactly one line, `Error: ...`."""
+def error_line(code, out, status=1):
+    """The output of a refused input: exactly one line `Error: ...` and exit status 1 (a bad file), or 2 (a bad
+    option value: a usage error, dnnlib/cli.py)."""
     lines = [line for line in out.splitlines() if line.startswith('Error:') or 'Traceback' in line]
-    assert code == 1 and len(lines) == 1 and lines[0].startswith('Error: '), (code, out)
+    assert code == status and len(lines) == 1 and lines[0].startswith('Error: '), (code, out)
     return lines[0]
 
 
@@ -156,10 +157,10 @@ def test_info_describes_the_header_without_building(demo_pair):
 def test_convert_refuses_bad_destinations_and_keeps_existing_files(demo_pair, tmp_path):
     existing = tmp_path / 'x.safetensors'
     existing.write_bytes(b'mine')
-    line = error_line(*run(checkpoint_tool.main, 'convert', f'--source={DEMO_TEACHER}', f'--dest={existing}'))
+    line = error_line(*run(checkpoint_tool.main, 'convert', f'--source={DEMO_TEACHER}', f'--dest={existing}'), 2)
     assert line == f'Error: Invalid value for --dest: {existing} exists; pass --force to replace it'
     assert existing.read_bytes() == b'mine'
-    line = error_line(*run(checkpoint_tool.main, 'convert', f'--source={DEMO_TEACHER}', f'--dest={tmp_path}/x.pkl'))
+    line = error_line(*run(checkpoint_tool.main, 'convert', f'--source={DEMO_TEACHER}', f'--dest={tmp_path}/x.pkl'), 2)
     assert line.endswith('x.pkl: expected a file name ending in .safetensors')
     line = error_line(*run(checkpoint_tool.main, 'convert', f'--source={tmp_path}/none.pkl',
                            f'--dest={tmp_path}/y.safetensors'))
@@ -227,7 +228,7 @@ def test_tampered_header_or_tensors_give_one_line(demo_pair, tmp_path, case):
     edits, expected = TAMPERED[case]
     bad = rewrite(demo_pair[1], tmp_path / 'bad.safetensors', **edits)
     line = error_line(*run(generate.main, f'--network={bad}', f'--outdir={tmp_path}/out', '--device=cpu'))
-    assert line.startswith(f'Error: Invalid value for --network: {bad}: ') and expected in line, line
+    assert line.startswith(f'Error: --network: {bad}: ') and expected in line, line
     assert not (tmp_path / 'out').exists()
     code, out = run(checkpoint_tool.main, 'info', f'--source={bad}')  # reads the header only: builds nothing
     if case in HEADER_CASES:
@@ -272,7 +273,7 @@ def test_broken_files_give_one_line(demo_pair, tmp_path, case):
     make, expected = BROKEN_FILES[case]
     bad = make(demo_pair[1], tmp_path / 'bad.safetensors')
     line = error_line(*run(generate.main, f'--network={bad}', f'--outdir={tmp_path}/out', '--device=cpu'))
-    assert line.startswith(f'Error: Invalid value for --network: {bad}: ') and expected in line, line
+    assert line.startswith(f'Error: --network: {bad}: ') and expected in line, line
     line = error_line(*run(checkpoint_tool.main, 'convert', f'--source={bad}', f'--dest={tmp_path}/again.safetensors'))
     assert line.startswith(f'Error: {bad}: ') and expected in line, line
     assert not (tmp_path / 'again.safetensors').exists()

@@ -1,5 +1,7 @@
 import io
+import os
 import pickle
+import stat
 import tarfile
 
 import numpy as np
@@ -135,3 +137,14 @@ def test_synth_is_deterministic_balanced_and_refuses_overwrite(tmp_path):
     img_b, _ = synth_image(4, 0, 32)
     assert not np.array_equal(img_a, img_b)
     assert img_a.std() > 10
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o077])
+def test_dataset_folder_gets_the_mode_of_a_plain_mkdir(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        res = run('synth', f'--dest={tmp_path / "out"}', '--num=2', '--resolution=8')
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    assert stat.S_IMODE(os.stat(tmp_path / 'out').st_mode) == 0o777 & ~umask  # not mkdtemp's 0700

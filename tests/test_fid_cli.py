@@ -158,7 +158,7 @@ if script.endswith('generate.py'):
 else:
     fids = dict(item.split('=') for item in os.environ['FAKE_FIDS'].split())
     print('Computing ...')
-    print(f"fid {fids[os.path.basename(args['images'])]}")
+    print(f"fid {fids[os.path.basename(args['images']).replace(' ', '_')]}")  # FAKE_FIDS names: spaces as _
 '''
 
 
@@ -261,3 +261,17 @@ def test_ref_never_overwrites_its_input_or_another_image_set(tmp_path):
         assert out.rstrip().endswith('write the statistics to another file') and out.count('\n') == 1, out
     assert {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()} == before
     assert not (folder / 'stats.npz').exists()
+
+
+def test_best_checkpoint_reads_scores_not_file_names(tmp_path):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    for name in ('network-snapshot-000100.pkl', 'network-snapshot-000200 fid 0.5 .pkl'):
+        (run_dir / name).write_bytes(b'')
+    ref = tmp_path / 'ref.npz'
+    ref.write_bytes(b'')
+    fids = 'run-network-snapshot-000100=2.0 run-network-snapshot-000200_fid_0.5_=3.0'
+    code, out, err = run_validation(tmp_path, dict(PROTOCOL='best-checkpoint', NUM='10', FAKE_FIDS=fids),
+                                    run_dir, ref)
+    assert code == 0, err
+    assert f'best checkpoint by fid: {run_dir}/network-snapshot-000100.pkl {ref} seeds=0-9 fid 2.0\n' in out, out

@@ -1,8 +1,11 @@
-"""generate.py: images equal the library's, layouts, and one-line errors (exit 1) for every expected failure."""
+"""generate.py: images equal the library's, layouts, and one-line errors for every expected failure (exit 2 for
+usage errors, 1 for failures while running; dnnlib/cli.py)."""
 import contextlib
 import errno
 import io
 import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -15,6 +18,8 @@ import generate
 from training.checkpoint import load_network
 from training.image_grid import image_grid, save_image_grid
 from training.sampling import generate_images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, env=None):
@@ -112,10 +117,11 @@ def test_cli_sampler_choice_is_logged_and_validated(fixtures_dir, tmp_path):
         ([f'--network={fixtures_dir / "missing.pkl"}'], 'missing.pkl: no such file'),
         ([f'--network={edm}', '--key=net'], "snapshot has no 'net'"),
     ]
+    failures_while_running = ('missing.pkl: no such file', "snapshot has no 'net'")  # the rest are usage errors
     for args, message in errors:
         grid = [] if 'give --outdir' in message else [f'--grid={tmp_path / "e.png"}']
         code, out = _run(*args, *grid)
-        assert code == 1 and message in _error_line(out), (args, out)
+        assert code == (1 if message in failures_while_running else 2) and message in _error_line(out), (args, out)
     assert not (tmp_path / 'e.png').exists()
 
 
@@ -140,7 +146,7 @@ def test_cli_checks_outputs_seeds_and_device_before_loading(tmp_path):
         cases.append(([f'--grid={tmp_path / "g.png"}', '--device=cuda'], 'CUDA is not available'))
     for args, message in cases:
         code, out = _run(f'--network={missing}', *args)
-        assert code == 1 and message in _error_line(out), (args, out)
+        assert code == (1 if message.startswith('--network: ') else 2) and message in _error_line(out), (args, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['dir.zip', 'file']
 
 
@@ -186,3 +192,16 @@ def test_cli_full_disk_is_one_line_and_leaves_no_partial_file(fixtures_dir, tmp_
                      f'--outdir={tmp_path / "out"}')
     assert code == 1 and 'No space left on device' in _error_line(out) and '--outdir=' in _error_line(out), out
     assert written and not (tmp_path / 'out').exists()
+
+
+def test_a_seed_range_past_the_limit_is_refused_before_any_list_is_built(tmp_path):
+    code, out = _run(f'--network={tmp_path / "missing.pkl"}', '--seeds=0-4294967295', f'--grid={tmp_path / "g.png"}')
+    assert code == 2 and _error_line(out) == ("Error: Invalid value for '--seeds': '0-4294967295' lists "
+                                              "4,294,967,296 values; at most 10,000,000 are allowed"), out
+    # The count comes from the ranges' ends: under 256 MiB of address space (a list of 2^32 ints needs 137 GB).
+    code = ('import resource; resource.setrlimit(resource.RLIMIT_AS, (256 << 20, 256 << 20))\n'
+            'from dnnlib.util import parse_int_list\ntry:\n    parse_int_list("0-4294967295,7", limit=10**7)\n'
+            'except ValueError as err:\n    raise SystemExit(f"Error: {err}")\n')
+    res = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and res.stderr.strip() == ("Error: '0-4294967295,7' lists 4,294,967,297 values; "
+                                                          "at most 10,000,000 are allowed"), res.stderr

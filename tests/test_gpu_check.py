@@ -180,11 +180,11 @@ def test_random_detector_file_loads_safely_and_gives_spread_features(tmp_path):
 
 def test_unknown_names_are_one_line_and_exit_status_1(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        gpu_check.cli([f'--outdir={tmp_path}', '--only=bogus'])
+        gpu_check.main.main([f'--outdir={tmp_path}', '--only=bogus'])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and len(err.strip().splitlines()) == 1
     assert '--only=bogus' in err and 'resume_bitexact' in err
     (tmp_path / 'file').write_text('')
     with pytest.raises(SystemExit) as exit_info:
-        gpu_check.cli([f'--outdir={tmp_path / "file"}'])
+        gpu_check.main.main([f'--outdir={tmp_path / "file"}'])
     assert exit_info.value.code == 1 and 'is a file' in capsys.readouterr().err

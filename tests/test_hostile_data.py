@@ -281,3 +281,68 @@ def test_cli_warns_once_per_mode_in_one_plain_line(tmp_path, monkeypatch):
     assert len(warned) == 1 and '00.png: image mode RGBA converted to RGB (alpha dropped)' in warned[0]
     assert 'UserWarning' not in res.output
     np.testing.assert_array_equal(ImageFolderDataset(tmp_path / 'o.zip')[2][0], np.full((3, 8, 8), 50, np.uint8))
+
+
+# --- files that are not images: FIFOs, devices, zip bombs; inconsistent labels --------------------------------
+
+def bounded(code, limit_mib=256, timeout=60):
+    """Run `code` in a fresh interpreter under an address-space limit: (exit status, stderr). An unbounded read
+    would end in MemoryError there; a blocking one in the timeout (which fails the test)."""
+    prelude = f'import resource; resource.setrlimit(resource.RLIMIT_AS, ({limit_mib} << 20, {limit_mib} << 20))\n'
+    res = subprocess.run([sys.executable, '-c', prelude + code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout)
+    return res.returncode, res.stderr
+
+
+def open_dataset_code(path):
+    return (f'from training.dataset import ImageFolderDataset\ntry:\n    ImageFolderDataset({str(path)!r})\n'
+            f'except ValueError as err:\n    raise SystemExit(f"Error: {{err}}")\n')
+
+
+def test_fifo_and_dev_zero_are_refused_unread(tmp_path):
+    src = tmp_path / 'src'
+    src.mkdir()
+    (src / 'a.png').write_bytes(png_bytes(good_images(1)[0]))
+    os.mkfifo(src / 'fifo.png')  # reading it would wait forever for a writer
+    code, err = bounded(open_dataset_code(src))
+    assert code == 1 and err.strip() == f'Error: {src}: fifo.png: not a regular file (a FIFO, device or socket?); ' \
+                                        'expected an image file', err
+    res = subprocess.run([sys.executable, 'dataset_tool.py', 'convert', f'--source={src}',
+                          f'--dest={tmp_path / "o.zip"}'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = [line for line in res.stderr.splitlines() if line.startswith('Error: ')]
+    assert res.returncode == 1 and len(lines) == 1 and 'fifo.png: not a regular file' in lines[0], res.stderr
+    assert not (tmp_path / 'o.zip').exists()
+    os.remove(src / 'fifo.png')
+    os.symlink('/dev/zero', src / 'zero.png')  # never ends: read whole, it exhausts memory
+    code, err = bounded(open_dataset_code(src))
+    assert code == 1 and 'zero.png: not a regular file' in err and 'MemoryError' not in err, err
+
+
+def test_zip_member_inflating_past_the_cap_is_refused_before_inflating(tmp_path):
+    bomb = tmp_path / 'bomb.zip'
+    info = zipfile.ZipInfo('00000/img00000000.png')
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(bomb, 'w') as zf, zf.open(info, 'w', force_zip64=True) as member:
+        for _ in range(80):  # 80 MiB of zeros in 80 KB, more than MAX_IMAGE_BYTES (64 MiB)
+            member.write(bytes(1 << 20))
+    code, err = bounded(open_dataset_code(bomb), limit_mib=192)  # the interpreter needs ~150 MiB
+    assert code == 1 and err.strip() == f'Error: {bomb}: 00000/img00000000.png: inflates to 83,886,080 bytes; ' \
+        'at most 67,108,864 are read per member', err
+    error_line(run('convert', f'--source={bomb}', f'--dest={tmp_path / "o.zip"}'), 'inflates to 83,886,080 bytes')
+
+
+def test_dataset_json_with_a_duplicate_or_a_stray_label_is_refused(tmp_path):
+    images = good_images(2)
+    for labels, message in (([['a.png', 0], ['a.png', 1], ['b.png', 0]],
+                             'dataset.json lists a.png twice; expected one label per image'),
+                            ([['a.png', 0], ['b.png', 1], ['c.png', 1]],
+                             'dataset.json has a label for c.png, which is not an image of the dataset')):
+        src = tmp_path / f'src{len(message)}'
+        src.mkdir()
+        for name, image in zip(('a.png', 'b.png'), images):
+            (src / name).write_bytes(png_bytes(image))
+        (src / 'dataset.json').write_text(json.dumps({'labels': labels}))
+        with pytest.raises(ValueError) as info:
+            ImageFolderDataset(src, use_labels=True)
+        assert str(info.value) == f'{src}: {message}' + ('' if 'twice' in message else ' (1 such label(s))')
+        error_line(run('convert', f'--source={src}', f'--dest={tmp_path / "o.zip"}'), str(src), message)

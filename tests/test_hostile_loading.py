@@ -86,7 +86,7 @@ def test_generate_refuses_torchscript(torchscript_poc, tmp_path):
     result = CliRunner().invoke(generate.main, [f'--network={archive}', f'--outdir={tmp_path / "out"}'])
     lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
     assert result.exit_code == 1 and 'Traceback' not in result.output
-    assert lines == [f'Error: Invalid value for --network: {archive}: is a TorchScript archive (it has code/ and '
+    assert lines == [f'Error: --network: {archive}: is a TorchScript archive (it has code/ and '
                      f'constants.pkl members); refusing it: loading TorchScript runs the code inside the file. '
                      f'Expected a pickle or a torch.save file of tensors and plain data']
     assert not marker.exists() and not (tmp_path / 'out').exists()

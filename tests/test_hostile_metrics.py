@@ -2,6 +2,9 @@
 naming the file; every expected CLI failure is one line, exit status 1, no traceback (--debug shows it)."""
 import io
 import os
+import subprocess
+import sys
+import warnings
 import zipfile
 
 import numpy as np
@@ -12,6 +15,8 @@ from click.testing import CliRunner
 import fid
 import metrics
 from metrics import reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_zip(path, num, resolution=8, seed=0):
@@ -179,3 +184,30 @@ def test_offline_without_clip_or_dinov2_weights_is_one_line_naming_the_option(tm
     code, out, _ = run('calc', f'--images={images}', f'--ref={images}', '--num=3', '--metrics=fd_dinov2')
     assert_one_line_error(code, out, 'No DINOv2 ViT-L/14 weights available', 'dinov2_vitl14_pretrain.pth',
                           '--dinov2-weights=PATH|URL')
+
+
+# --- reference files whose headers or types lie ------------------------------------------------------
+def test_npz_header_declaring_terabytes_is_refused_before_np_load(tmp_path):
+    path = tmp_path / 'huge.npz'
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, dict(descr='<f8', fortran_order=False, shape=(10**6, 10**6)))
+    with zipfile.ZipFile(path, 'w') as archive:
+        archive.writestr('mu.npy', header.getvalue() + bytes(64))  # declares 8 TB, holds 64 bytes
+        archive.writestr('sigma.npy', header.getvalue())
+    code = ('import resource; resource.setrlimit(resource.RLIMIT_AS, (5 << 30, 5 << 30))\n'  # torch needs ~4 GiB
+            f'from metrics.reference import load_ref_stats\ntry:\n    load_ref_stats({str(path)!r})\n'
+            'except ValueError as err:\n    raise SystemExit(f"Error: {err}")\n')
+    res = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.strip() == (
+        f'Error: {path}: mu.npy declares shape [1000000, 1000000] (8,000,000,000,000 bytes), but the file holds '
+        f'192 bytes for it (at most 4,294,967,296 are read)'), res.stderr
+
+
+def test_complex_statistics_are_refused(tmp_path):
+    path = tmp_path / 'complex.npz'
+    np.savez(path, mu=np.zeros(2048, complex), sigma=np.eye(2048, dtype=complex))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no ComplexWarning: refused before any cast
+        with pytest.raises(ValueError) as info:
+            metrics.load_ref_stats(str(path))
+    assert str(info.value) == f'{path}: `mu` must be a real float array, got complex128'

@@ -8,6 +8,7 @@ and dataset.json must hold [file name, label] pairs of one kind."""
 import io
 import json
 import os
+import stat
 import warnings
 import zipfile
 
@@ -15,6 +16,8 @@ import numpy as np
 import PIL.Image
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
+MAX_IMAGE_BYTES = 64 << 20  # one image file (a 4096x4096 RGB BMP is 48 MB): a /dev/zero link or zip bomb is refused
+MAX_JSON_BYTES = 1 << 30  # dataset.json: the labels of tens of millions of images
 MAX_CLASSES = 100_000  # label_dim is the width of the network's class input; a stray 1e9 must not allocate GiBs
 
 # Modes that become 8-bit gray (L) or RGB, and what the conversion drops (a warning once per mode and process);
@@ -72,6 +75,42 @@ def decode_image(data, name):
     return arr.transpose(2, 0, 1)
 
 
+def read_regular_file(path, name, limit=MAX_IMAGE_BYTES):
+    """The bytes of `path` if it is a regular file (after symlinks) of at most `limit` bytes. Anything else is
+    a ValueError naming `name`, raised before a byte is read: a FIFO would block, /dev/zero never ends."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f'{name}: not a regular file (a FIFO, device or socket?); expected an image file')
+    with open(os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0)), 'rb') as f:  # swapped for a FIFO: no wait
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            raise ValueError(f'{name}: {info.st_size:,} bytes or not a regular file; expected an image file of at '
+                             f'most {limit:,} bytes')
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f'{name}: grew past {limit:,} bytes while being read')
+    return data
+
+
+def read_zip_member(archive, name, label, limit=MAX_IMAGE_BYTES):
+    """A member of an open zip, its declared size checked first: a 3 MB member that inflates to GiBs is
+    refused without inflating it (zipfile stops at the declared size)."""
+    info = archive.getinfo(name)
+    if info.file_size > limit:
+        raise ValueError(f'{label}: inflates to {info.file_size:,} bytes; at most {limit:,} are read per member')
+    return archive.read(info)
+
+
+def check_label_names(image_names, by_name, source):
+    """Every image has a label and every label names an image (a typo would otherwise drop it silently)."""
+    missing = [n for n in image_names if n not in by_name]
+    if missing:
+        raise ValueError(f'{source}: dataset.json has no label for {missing[0]} ({len(missing)} image(s) unlabelled)')
+    strays = sorted(set(by_name) - set(image_names))
+    if strays:
+        raise ValueError(f'{source}: dataset.json has a label for {strays[0]}, which is not an image of the dataset '
+                         f'({len(strays)} such label(s))')
+
+
 def parse_label_pairs(meta, source):
     """dataset.json contents → {image name: raw label}, or None for `"labels": null` (unlabelled)."""
     if not isinstance(meta, dict):
@@ -87,7 +126,13 @@ def parse_label_pairs(meta, source):
         if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
             raise ValueError(f'{source}: dataset.json "labels" must be a list of [file name, label] pairs, '
                              f'found the entry {json.dumps(pair)[:80]}')
-    return {name.replace('\\', '/'): label for name, label in labels}
+    by_name = {}
+    for name, label in labels:
+        name = name.replace('\\', '/')
+        if name in by_name:
+            raise ValueError(f'{source}: dataset.json lists {name} twice; expected one label per image')
+        by_name[name] = label
+    return by_name
 
 
 def labels_to_array(names, raw_labels, source):
@@ -178,12 +223,12 @@ class ImageFolderDataset:
             self._zipfile_pid = os.getpid()
         return self._zipfile
 
-    def _read_bytes(self, name):
+    def _read_bytes(self, name, limit=MAX_IMAGE_BYTES):
+        label = f'{self.path}: {name}'
         try:
             if self._type == 'dir':
-                with open(os.path.join(self.path, name), 'rb') as f:
-                    return f.read()
-            return self._get_zipfile().read(name)
+                return read_regular_file(os.path.join(self.path, name), label, limit)
+            return read_zip_member(self._get_zipfile(), name, label, limit)
         except (zipfile.BadZipFile, OSError, KeyError) as err:
             raise ValueError(f'{self.path}: cannot read {name} ({err})') from None
 
@@ -206,16 +251,13 @@ class ImageFolderDataset:
         if 'dataset.json' not in self._all_names:
             raise ValueError(f'{self.path}: labels requested (use_labels / --cond) but there is no dataset.json')
         try:
-            meta = json.loads(self._read_bytes('dataset.json'))
+            meta = json.loads(self._read_bytes('dataset.json', MAX_JSON_BYTES))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f'{self.path}: dataset.json is not valid JSON ({err})') from None
         by_name = parse_label_pairs(meta, self.path)
         if by_name is None:
             raise ValueError(f'{self.path}: labels requested but dataset.json has "labels": null')
-        missing = [n for n in self._image_names if n not in by_name]
-        if missing:
-            raise ValueError(f'{self.path}: dataset.json has no label for {missing[0]} '
-                             f'({len(missing)} image(s) unlabelled)')
+        check_label_names(self._image_names, by_name, self.path)
         # All images, as EDM does: a max_size subset keeps the dataset's label_dim.
         labels = labels_to_array(self._image_names, [by_name[n] for n in self._image_names],
                                  f'{self.path}: dataset.json')

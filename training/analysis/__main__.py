@@ -4,52 +4,26 @@
   python -m training.analysis teacher-student --student=PKL --outdir=DIR [--teacher=PKL --teacher-at=K:PKL
       --steps=2,4,6,8,10 --sigmas=0.1,0.8,5 --num=1000 --data-ref=NPZ]
 
-Bad input ends with one line `Error: ...` naming the option or file, exit status 1 (`--debug` or D2O_DEBUG=1
-re-raise with the traceback)."""
+Errors follow dnnlib/cli.py: a usage error exits 2; bad input ends with one line `Error: ...` naming the option
+or file, exit status 1 (`--debug` or D2O_DEBUG=1 shows the traceback)."""
 import json
 import os
-import pickle
-import sys
-import traceback
-import zipfile
 
 import click
 import torch
 
-from dnnlib.util import atomic_write, debug_requested, parse_int_list
+from dnnlib import cli
+from dnnlib.util import atomic_write, parse_int_list
 from training.analysis import frequency, plots, teacher_student
 from training.checkpoint import load_network
 from training.sampling import RHO, SIGMA_MAX, SIGMA_MIN, seeded_latents
-
-EXPECTED_ERRORS = (OSError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile)
-
-
-class OneLineErrors(click.Group):
-    """Usage errors and expected failures → `Error: <one line>` on stderr and exit status 1."""
-
-    def main(self, args=None, **extra):
-        args = list(sys.argv[1:] if args is None else args)
-        debug = debug_requested(args)
-        args = [a for a in args if a != '--debug']
-        try:
-            super().main(args, standalone_mode=False, **extra)
-            sys.exit(0)
-        except click.ClickException as err:
-            failure, message = err, err.format_message()
-        except EXPECTED_ERRORS as err:
-            failure = err
-            message = f'{err.filename}: {err.strerror}' if isinstance(err, OSError) and err.filename else \
-                (err.args[0] if isinstance(err, KeyError) and err.args else str(err)) or type(err).__name__
-        if debug:
-            traceback.print_exception(failure)
-        click.echo(f'Error: {" ".join(str(message).split())}', err=True)
-        sys.exit(1)
+MAX_LIST = 100_000  # seeds / step counts: a batch held in memory at once
 
 
 def int_list(option):
     def parse(ctx, param, value):
         try:
-            return parse_int_list(value)
+            return parse_int_list(value, limit=MAX_LIST)
         except ValueError as err:
             raise click.BadParameter(f'{err}', param_hint=option) from None
     return parse
@@ -68,8 +42,9 @@ def float_list(ctx, param, value):
 
 def open_network(path, option):
     if not os.path.isfile(path):
-        raise click.BadParameter(f'{path}: no such file', param_hint=option)
-    net = load_network(path)
+        raise click.ClickException(f'{option}: {path}: no such file')
+    with cli.task(f'loading {option}={path}'):
+        net = load_network(path)
     return net.eval().requires_grad_(False)
 
 
@@ -79,7 +54,8 @@ def write_json(path, record):
         f.write('\n')
 
 
-@click.group(cls=OneLineErrors)
+@click.group(cls=cli.Group)
+@cli.debug_option
 def main():
     """The paper's analyses: frequency (§4.5, Fig. 4; Appendix E, Fig. 6) and teacher–student FID (§2.3, Fig. 2)."""
 
