@@ -52,7 +52,7 @@ READ_CHUNK = 1 << 20
 PLAIN_NUMPY_TYPES = ('b1', 'i1', 'i2', 'i4', 'i8', 'u1', 'u2', 'u4', 'u8', 'f2', 'f4', 'f8', 'c8', 'c16')
 MAX_ARRAY_DIMS = 32
 _short = reprlib.Repr()
-_short.maxstring, _short.maxother, _short.maxlevel = 60, 60, 3
+_short.maxstring, _short.maxother, _short.maxlevel, _short.maxtuple, _short.maxlist = 60, 60, 3, 10, 10
 
 
 class Record:
@@ -418,8 +418,9 @@ class RestrictedUnpickler(pickle._Unpickler):
         plain = (isinstance(cls, type) and (issubclass(cls, (Record, InertNode)) or cls in (list, set, dict)
                                              or (_is_dict_like_type(cls) and cls.__new__ is dict.__new__)))
         if not plain or not isinstance(args, tuple) or not isinstance(kwargs, dict):
-            raise pickle.UnpicklingError(f'NEWOBJ (creating an instance) of {_short.repr(cls)} is not allowed (only '
-                                         f'of records and plain containers); refusing it')
+            name = _type_name(cls) if isinstance(cls, type) else _short.repr(cls)
+            raise pickle.UnpicklingError(f'NEWOBJ (creating an instance) of {name} is not allowed (only of records '
+                                         f'and plain containers); refusing it')
         self.append(cls.__new__(cls, *args, **kwargs))
 
     def load_newobj(self):
