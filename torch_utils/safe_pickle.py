@@ -23,7 +23,6 @@ API (stable; other modules build on it):
   RestrictedUnpickler                the unpickler itself;
   Record                             base of the stand-ins an allow-list maps pickled classes to (BUILD stores);
   InertNode                          optional fallback for unknown globals (inspection-only uses);
-  walk(root, source)                 every object reachable from loaded data once, with a node budget;
   TENSOR_GLOBALS, NUMPY_GLOBALS      allow-list building blocks: tensors/parameters/storages, numpy arrays/scalars.
 Every error is a `pickle.UnpicklingError` whose message starts with the source (file name)."""
 import collections
@@ -45,7 +44,7 @@ STORAGE_DTYPES = {'FloatStorage': torch.float32, 'DoubleStorage': torch.float64,
                   'ShortStorage': torch.int16, 'CharStorage': torch.int8, 'ByteStorage': torch.uint8,
                   'BoolStorage': torch.bool, 'UntypedStorage': torch.uint8}
 MAX_OPCODES = 10_000_000  # ~100x the opcodes of a large EDM snapshot; bounds the time of one load
-MAX_OBJECTS = 10_000_000  # objects one walk of loaded data may visit
+MAX_OBJECTS = 10_000_000  # objects one walk of loaded data may visit (training/checkpoint.py, metrics/detector.py)
 MAX_PICKLE_BYTES = 1 << 30  # a zip's data.pkl (real ones are kilobytes to a few megabytes)
 ZIP_INFLATION, ZIP_SLACK = 8, 32 << 20  # members may inflate to 8x the archive + 32 MiB (torch stores them raw)
 READ_CHUNK = 1 << 20
@@ -103,28 +102,6 @@ class _NotConstructible:
 
 NDARRAY = _NotConstructible('numpy.ndarray')
 
-
-def walk(root, source='<data>', limit=MAX_OBJECTS):
-    """Yield every object reachable from `root` through dicts, lists, tuples, sets, records and InertNodes once
-    (a visited-set: shared and cyclic data cost their size, not their paths); more than `limit` objects raise."""
-    stack, seen = [root], set()
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if len(seen) > limit:
-            raise pickle.UnpicklingError(f'{source}: the data holds more than {limit:,} objects; refusing it')
-        yield obj
-        if isinstance(obj, dict):
-            stack.extend(obj.keys())
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack.extend(obj)
-        elif isinstance(obj, InertNode):
-            stack.extend((obj.args, obj.state, obj.items, obj.list))
-        elif isinstance(obj, Record):
-            stack.append(vars(obj))
 
 # ----------------------------------------------------------------------------------------------
 # Safe versions of the tensor rebuilders torch writes (docs/checkpoint-format.md §2.3, §2.5). torch's own
