@@ -6,6 +6,7 @@ import collections
 import io
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -270,6 +271,19 @@ def test_opcode_budget_and_reads_bounded_by_the_file(tmp_path, monkeypatch):
     with pytest.raises(pickle.UnpicklingError, match=r'^big\.pkl: the pickle holds more than 1,000 objects '
                                                      r'\(opcodes\); refusing it$'):
         safe_pickle.load(io.BytesIO(blob), {}, 'big.pkl')
+
+
+def test_nested_legacy_storage_cannot_declare_more_than_it_holds():
+    payload = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # TypedStorage is deprecated
+        torch.save(torch.ones(2).storage(), payload, _use_new_zipfile_serialization=False)
+    evil = re.sub(rb'(cpu.{0,3})K\x02', lambda m: m.group(1) + b'J\xff\xff\xff\x7f', payload.getvalue())  # 2**31-1
+    assert evil != payload.getvalue()
+    assert torch.equal(torch.tensor(safe_pickle.storage_from_legacy_bytes(payload.getvalue()).tolist()), torch.ones(2))
+    with pytest.raises(pickle.UnpicklingError, match=rf'^storage payload declares 8,589,934,588 bytes of data but '
+                                                     rf'holds {len(evil)}$'):
+        safe_pickle.storage_from_legacy_bytes(evil)
 
 
 def test_zip_members_are_sized_before_they_are_read(tmp_path, monkeypatch):

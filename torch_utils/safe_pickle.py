@@ -159,10 +159,24 @@ def storage_from_legacy_bytes(data):
     (docs/checkpoint-format.md §2.5); torch's own weights-only loader reads it (and refuses anything else)."""
     if not isinstance(data, (bytes, bytearray)):
         raise pickle.UnpicklingError(f'storage payload is a {type(data).__name__}, not bytes')
+    declared = _declared_legacy_bytes(data)
+    if declared > len(data):  # torch would reserve the declared size before reading a byte
+        raise pickle.UnpicklingError(f'storage payload declares {declared:,} bytes of data but holds {len(data):,}')
     storage = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
     if not isinstance(storage, torch.storage.TypedStorage):
         raise pickle.UnpicklingError(f'storage payload holds a {type(storage).__name__}, not a storage')
     return storage
+
+
+def _declared_legacy_bytes(data):
+    """Bytes of storage data a legacy torch.save stream declares: its first three pickles are plain data (magic
+    number, protocol version, system info), the fourth names each storage with its numel (§2.5)."""
+    stream, declared = io.BytesIO(data), []
+    for _ in range(3):
+        RestrictedUnpickler(stream, {}).load()
+    RestrictedUnpickler(stream, TENSOR_GLOBALS, storage=lambda dtype, key, numel: declared.append(
+        numel * torch.empty(0, dtype=dtype).element_size())).load()
+    return sum(declared)
 
 
 def encode_latin1(text, encoding='latin1'):
