@@ -157,16 +157,20 @@ def load_numpy(obj, protocol=4):
 
 
 def test_numpy_only_plain_dtypes_with_validated_state():
-    for array in (np.arange(6, dtype=np.int16).reshape(2, 3), np.ones((2, 2), '>f4'), np.zeros(1, np.complex64), np.zeros((0, 3), np.uint8),
-                  np.asfortranarray(np.arange(6.0).reshape(2, 3)), np.array([True, False])):
+    for array in (np.arange(6, dtype=np.int16).reshape(2, 3), np.ones((2, 2), '>f4'), np.zeros(1, np.complex64),
+                  np.zeros((0, 3), np.uint8), np.asfortranarray(np.arange(6.0).reshape(2, 3)), np.array([True, False])):
         for protocol in (2, 4) if array.size else (4,):  # protocol 2 writes b'' as a call of bytes
             loaded, by_numpy = load_numpy(array, protocol), pickle.loads(pickle.dumps(array, protocol=protocol))
             assert loaded.dtype == by_numpy.dtype and np.array_equal(loaded, array)  # numpy makes '>f4' native
             assert loaded.strides == by_numpy.strides
+    python2 = Reduce(MULTIARRAY._reconstruct, (np.ndarray, (0,), 'b'),  # as CIFAR-10's batches hold arrays
+                     (1, (2,), Reduce(np.dtype, ('u1', 0, 1), (3, '|', None, None, None, -1, -1, 0)), False, 'ab'))
+    assert load_numpy(python2, 2).tolist() == [97, 98]
     refusals = [
         (Reduce(np.dtype, ('f8', False, True), (3, '<', None, None, None, -1, -1, 63)),
          r"numpy dtype state \(3, '<', None, None, None, -1, -1, 63\) is not the plain state of f8"),
-        (Reduce(np.dtype, ('f8', False, True), (3, '<', None, ('a',), None, 8, 1, 0)), 'numpy dtype state .* is not the plain state of f8'),
+        (Reduce(np.dtype, ('f8', False, True), (3, '<', None, ('a',), None, 8, 1, 0)),
+         'numpy dtype state .* is not the plain state of f8'),
         (np.zeros(2, 'V8'), r"numpy dtype 'V8' is not allowed"),
         (np.zeros(2, [('a', 'i4')]), r"numpy dtype 'V4' is not allowed"),
         (np.zeros(2, 'U3'), r"numpy dtype 'U3' is not allowed"),

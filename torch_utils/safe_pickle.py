@@ -209,8 +209,9 @@ def _plain_dtype(dtype):
 
 
 def numpy_dtype(spec, align=False, copy=False):
-    """`numpy.dtype(spec, align, copy)` as numpy pickles it (`('f8', False, True)`): a fresh plain dtype."""
-    if not isinstance(spec, str) or spec not in PLAIN_NUMPY_TYPES or align is not False:
+    """`numpy.dtype(spec, align, copy)` as numpy pickles it (`('f8', False, True)`; Python-2 pickles such as
+    CIFAR-10's: `('u1', 0, 1)`): a fresh plain dtype."""
+    if not isinstance(spec, str) or spec not in PLAIN_NUMPY_TYPES or type(align) not in (bool, int) or align:
         raise pickle.UnpicklingError(f'numpy dtype {_short.repr(spec)} is not allowed (only plain numeric types: '
                                      f'{", ".join(PLAIN_NUMPY_TYPES)})')
     return np.dtype(spec, False, True)  # a copy: its (checked) BUILD must not touch numpy's shared instance
