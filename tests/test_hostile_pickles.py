@@ -63,7 +63,7 @@ def tensor_reduce(*extra):
 
 
 def nested_shared_lists(levels):
-    """{'x': L} with L_k+1 = [L_k, L_k]: 9 bytes per level, 2**levels paths (docs/threat-model.md §2)."""
+    """{'x': L} with L_k+1 = [L_k, L_k]: 9 bytes per level, 2**levels paths (docs/threat-model.md §1)."""
     ops = [b'\x80\x02}X\x01\x00\x00\x00x]q\x000']
     for k in range(levels):  # MARK BINGET k BINGET k LIST BINPUT k+1 POP
         ops.append(bytes([0x28, 0x68, k, 0x68, k, 0x6c, 0x71, k + 1, 0x30]))

@@ -122,7 +122,7 @@ def _check_structure(node, module, path, source):
 
 # Bounds of a constructor record, checked before anything is built: generous over every EDM/ADM/EDM2 config
 # (EDM's ADM ImageNet-64: model_channels 192, channel_mult [1,2,3,4], num_blocks 3), tight enough that a record
-# is refused in milliseconds instead of costing minutes and gigabytes (docs/threat-model.md §3).
+# is refused in milliseconds instead of costing minutes and gigabytes (docs/threat-model.md §1).
 CONSTRUCTOR_INT_LIMITS = {'img_resolution': 4096, 'img_channels': 64, 'in_channels': 64, 'out_channels': 128,
                           'label_dim': 100_000, 'augment_dim': 64, 'model_channels': 1024, 'channel_mult_emb': 16,
                           'channel_mult_noise': 16, 'num_blocks': 32}
