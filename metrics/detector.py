@@ -46,20 +46,32 @@ class SafeUnpickler(safe_pickle.RestrictedUnpickler):
         super().__init__(file, DETECTOR_GLOBALS, source, inert=InertNode)
 
 
-def collect_tensors(obj, prefix, out):
+def collect_tensors(obj, prefix, out, limit=safe_pickle.MAX_OBJECTS):
     """Flatten a tree of nodes/dicts into `{dotted attribute path: tensor}`; nn.Module instance dicts
-    contribute their `_parameters/_buffers/_modules` under the module's own path."""
-    if isinstance(obj, torch.Tensor):
-        out[prefix] = obj
-    elif isinstance(obj, InertNode):
-        collect_tensors(obj.state, prefix, out)
-        collect_tensors(obj.items, prefix, out)
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
+    contribute their `_parameters/_buffers/_modules` under the module's own path. Each node or dict is walked
+    once (the first path reaching it names its tensors), so shared or cyclic data cost their size, not their
+    paths; more than `limit` of them raise. Tensors are recorded under every path (tied weights keep both names)."""
+    stack, seen = [(obj, prefix)], set()
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, torch.Tensor):
+            out[path] = node
+            continue
+        if not isinstance(node, (InertNode, dict)) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if len(seen) > limit:
+            raise ValueError(f'more than {limit:,} nodes to search for tensors; refusing the file')
+        if isinstance(node, InertNode):
+            stack += [(node.items, path), (node.state, path)]  # popped in reverse: state first
+            continue
+        children = []
+        for key, value in node.items():
             if key in ('_parameters', '_buffers', '_modules'):
-                collect_tensors(value, prefix, out)
+                children.append((value, path))
             elif isinstance(key, str) and not key.startswith('_'):
-                collect_tensors(value, f'{prefix}.{key}' if prefix else key, out)
+                children.append((value, f'{path}.{key}' if path else key))
+        stack += reversed(children)
     return out
 
 
@@ -75,9 +87,9 @@ def read_detector_state_dict(path):
             tree = safe_pickle.load(f, DETECTOR_GLOBALS, str(path), inert=InertNode, torchscript_data=True)
         if isinstance(tree, int) and tree == LEGACY_TORCH_MAGIC:
             tree = torch.load(path, map_location='cpu', weights_only=True)
+        tensors = collect_tensors(tree, '', {})
     except Exception as err:  # nothing in the file runs, so any failure means a malformed or foreign file
         raise ValueError(f'{path}: cannot read FID Inception weights ({err.__class__.__name__}: {err})') from None
-    tensors = collect_tensors(tree, '', {})
     anchor = next((k for k in tensors if k == 'layers.conv.weight' or k.endswith('.layers.conv.weight')), None)
     if anchor is None:
         raise ValueError(f'{path}: no FID Inception weights found (expected tensors named like NVIDIA\'s '

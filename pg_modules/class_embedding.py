@@ -31,11 +31,8 @@ EXPECTED = ('expected a .pkl of {"embed": nn.Embedding(N, 320)}, a .pt/.pth tens
             'or a .npy array, each of shape [N, 320]')
 
 
-class _ModuleRecord:
-    """Stands in for a pickled nn.Module: its state is kept as a plain dict, no torch.nn code runs."""
-
-    def __setstate__(self, state):
-        self.state = state
+class _ModuleRecord(safe_pickle.Record):
+    """Stands in for a pickled nn.Module: BUILD keeps its state as a plain dict, no torch.nn code runs."""
 
 
 def _dill_load_type(name):

@@ -1,28 +1,40 @@
 """The one restricted unpickler of the project: every pickle it reads (network snapshots, training states of
 other code, the class-embedding table, FID Inception weights, CIFAR-10 batches) goes through `RestrictedUnpickler`
-with an allow-list chosen by that use (docs/checkpoint-format.md §2.3).
+with an allow-list chosen by that use (docs/checkpoint-format.md §2.3; what it promises: docs/threat-model.md).
 
-Why: a pickle is a program. `find_class` is the only way a stream can reach Python callables, so resolving only
-allow-listed (module, name) pairs — to our own harmless functions — means nothing in a file ever runs. Zip-format
-torch files are read the same way: `*/data.pkl` goes through the restricted unpickler and its storages are read
-from the archive; TorchScript archives (`code/`, `constants.pkl`) are refused, since torch would hand them to
-`torch.jit.load`, which runs their code (issue 12.1).
+Why: a pickle is a program. Safe by construction, not by list:
+- `find_class` is the only way a stream reaches Python callables; it resolves only allow-listed (module, name)
+  pairs, mostly to our own harmless functions;
+- the opcodes that act on objects are our own: BUILD (set an object's state) only on our record classes,
+  InertNode and numpy arrays/dtypes with validated state; NEWOBJ only on records and plain containers; item and
+  list opcodes only on dicts/lists; INST/OBJ, extensions and out-of-band buffers are refused;
+- numpy arrays and scalars only of plain numeric dtypes, rebuilt from their type string;
+- a stream may run at most `MAX_OPCODES` opcodes, and no read allocates more than the file holds.
+Zip-format torch files are read the same way: `*/data.pkl` goes through the restricted unpickler and each member's
+declared size is checked (storage: numel × itemsize; all: an inflation budget) before it is read. TorchScript
+archives (`code/`, `constants.pkl`) are refused, since torch would hand them to `torch.jit.load`, which runs their
+code.
 
 API (stable; other modules build on it):
   load(file, allowed, source, ...)   read a plain pickle or a zip-format torch file from a binary file object;
   load_path(path, allowed, ...)      the same for a local path;
   read_zip(archive, allowed, ...)    `*/data.pkl` of an open zipfile.ZipFile;
   is_torchscript(names)              whether zip member names are those of a TorchScript archive;
-  RestrictedUnpickler                the unpickler itself (find_class + zip storages);
+  RestrictedUnpickler                the unpickler itself;
+  Record                             base of the stand-ins an allow-list maps pickled classes to (BUILD stores);
   InertNode                          optional fallback for unknown globals (inspection-only uses);
   TENSOR_GLOBALS, NUMPY_GLOBALS      allow-list building blocks: tensors/parameters/storages, numpy arrays/scalars.
 Every error is a `pickle.UnpicklingError` whose message starts with the source (file name)."""
 import collections
 import importlib
 import io
+import math
 import pickle
+import reprlib
+import struct
 import zipfile
 
+import numpy as np
 import torch
 
 ZIP_MAGIC = b'PK\x03\x04'
@@ -31,6 +43,23 @@ STORAGE_DTYPES = {'FloatStorage': torch.float32, 'DoubleStorage': torch.float64,
                   'BFloat16Storage': torch.bfloat16, 'LongStorage': torch.int64, 'IntStorage': torch.int32,
                   'ShortStorage': torch.int16, 'CharStorage': torch.int8, 'ByteStorage': torch.uint8,
                   'BoolStorage': torch.bool, 'UntypedStorage': torch.uint8}
+MAX_OPCODES = 10_000_000  # ~100x the opcodes of a large EDM snapshot; bounds the time of one load
+MAX_OBJECTS = 10_000_000  # objects one walk of loaded data may visit (training/checkpoint.py, metrics/detector.py)
+MAX_PICKLE_BYTES = 1 << 30  # a zip's data.pkl (real ones are kilobytes to a few megabytes)
+ZIP_INFLATION, ZIP_SLACK = 8, 32 << 20  # members may inflate to 8x the archive + 32 MiB (torch stores them raw)
+READ_CHUNK = 1 << 20
+PLAIN_NUMPY_TYPES = ('b1', 'i1', 'i2', 'i4', 'i8', 'u1', 'u2', 'u4', 'u8', 'f2', 'f4', 'f8', 'c8', 'c16')
+MAX_ARRAY_DIMS = 32
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlevel, _short.maxtuple, _short.maxlist = 60, 60, 3, 10, 10
+
+
+class Record:
+    """Base of the stand-ins an allow-list maps a pickled class to (e.g. a torch.nn container): NEWOBJ makes an
+    empty one and BUILD may only store a plain dict as `state`. Nothing of the class it stands for runs."""
+
+    def __setstate__(self, state):
+        self.state = state
 
 
 class InertNode:
@@ -60,9 +89,25 @@ class InertNode:
     def extend(self, values):
         self.list.extend(values)
 
+
+class _NotConstructible:
+    """What ('numpy', 'ndarray') resolves to: a name `_reconstruct` recognises, never callable or instantiated."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+
+NDARRAY = _NotConstructible('numpy.ndarray')
+
+
 # ----------------------------------------------------------------------------------------------
 # Safe versions of the tensor rebuilders torch writes (docs/checkpoint-format.md §2.3, §2.5). torch's own
 # functions also install backward hooks and arbitrary attribute state taken from the stream; ours refuse both.
+# A tensor's view is set once, here, after _check_view; no opcode can reach it afterwards (BUILD and item
+# assignment on tensors are refused by the unpickler).
 
 def _refuse_hooks(hooks, what):
     if hooks:
@@ -71,21 +116,24 @@ def _refuse_hooks(hooks, what):
 
 def _check_view(storage, offset, size, stride):
     # torch's set_ would silently grow a too-small storage (zeros, or a huge allocation) instead of failing.
-    ints = [offset, *size, *stride]
-    if not all(isinstance(v, int) and v >= 0 for v in ints) or len(size) != len(stride):
-        raise pickle.UnpicklingError(f'invalid tensor view: offset {offset!r}, size {size!r}, stride {stride!r}')
+    ints = [offset, *size, *stride] if isinstance(size, tuple) and isinstance(stride, tuple) else [None]
+    if not all(type(v) is int and v >= 0 for v in ints) or len(size) != len(stride):
+        raise pickle.UnpicklingError(f'invalid tensor view: offset {_short.repr(offset)}, size {_short.repr(size)}, '
+                                     f'stride {_short.repr(stride)}')
     end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else 0
     if end > storage._size():
-        raise pickle.UnpicklingError(f'tensor view (offset {offset}, size {tuple(size)}, stride {tuple(stride)}) '
-                                     f'reaches beyond its storage of {storage._size()} elements')
+        raise pickle.UnpicklingError(f'tensor view (offset {offset}, size {_short.repr(tuple(size))}, stride '
+                                     f'{_short.repr(tuple(stride))}) reaches beyond its storage of {storage._size()} '
+                                     f'elements')
 
 
 def rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    """`torch._utils._rebuild_tensor_v2` without hooks; torch checks size/stride against the storage."""
+    """`torch._utils._rebuild_tensor_v2` without hooks; the view is checked against the storage first."""
     if not isinstance(storage, torch.storage.TypedStorage):
         raise pickle.UnpicklingError(f'tensor storage is a {type(storage).__name__}, not a torch storage')
     _refuse_hooks(backward_hooks, 'a tensor')
-    _check_view(storage, offset, size, stride)
+    _check_view(storage, offset, tuple(size) if isinstance(size, (tuple, list)) else size,
+                tuple(stride) if isinstance(stride, (tuple, list)) else stride)
     tensor = torch._utils._rebuild_tensor(storage, offset, size, stride)
     if metadata:
         if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, bool)
@@ -111,18 +159,38 @@ def storage_from_legacy_bytes(data):
     (docs/checkpoint-format.md §2.5); torch's own weights-only loader reads it (and refuses anything else)."""
     if not isinstance(data, (bytes, bytearray)):
         raise pickle.UnpicklingError(f'storage payload is a {type(data).__name__}, not bytes')
+    declared = _declared_legacy_bytes(data)
+    if declared > len(data):  # torch would reserve the declared size before reading a byte
+        raise pickle.UnpicklingError(f'storage payload declares {declared:,} bytes of data but holds {len(data):,}')
     storage = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
     if not isinstance(storage, torch.storage.TypedStorage):
         raise pickle.UnpicklingError(f'storage payload holds a {type(storage).__name__}, not a storage')
     return storage
 
 
+def _declared_legacy_bytes(data):
+    """Bytes of storage data a legacy torch.save stream declares: its first three pickles are plain data (magic
+    number, protocol version, system info), the fourth names each storage with its numel (§2.5)."""
+    stream, declared = io.BytesIO(data), []
+    for _ in range(3):
+        RestrictedUnpickler(stream, {}).load()
+    RestrictedUnpickler(stream, TENSOR_GLOBALS, storage=lambda dtype, key, numel: declared.append(
+        numel * torch.empty(0, dtype=dtype).element_size())).load()
+    return sum(declared)
+
+
 def encode_latin1(text, encoding='latin1'):
     """`_codecs.encode` as protocol-2 pickles use it to write bytes; only that encoding."""
     if encoding not in ('latin1', 'latin-1') or not isinstance(text, str):
-        raise pickle.UnpicklingError(f'_codecs.encode with encoding {encoding!r} is not allowed (only latin1)')
+        raise pickle.UnpicklingError(f'_codecs.encode with encoding {_short.repr(encoding)} is not allowed '
+                                     f'(only latin1)')
     return text.encode('latin1')
 
+# ----------------------------------------------------------------------------------------------
+# numpy: arrays and scalars of plain numeric dtypes only. A pickled dtype's state could clear its flags (an object
+# dtype that claims to hold no objects makes numpy read raw bytes as pointers), so dtypes are made from their type
+# string only, a BUILD may only repeat their canonical state, and arrays/scalars use a dtype rebuilt from its
+# `str`.
 
 def _multiarray():
     try:
@@ -131,18 +199,71 @@ def _multiarray():
         return importlib.import_module('numpy.core.multiarray')
 
 
-def _numpy_scalar(dtype, *args):
-    import numpy as np
-    if not isinstance(dtype, np.dtype) or dtype.hasobject:  # an object scalar would be built from raw bytes
-        raise pickle.UnpicklingError(f'refusing numpy scalar of dtype {dtype!r}')
-    return _multiarray().scalar(dtype, *args)
+def _plain_dtype(dtype):
+    """The canonical dtype for `dtype` (an np.dtype of a plain numeric type), rebuilt from its type string."""
+    text = dtype.str if isinstance(dtype, np.dtype) else None
+    if text is None or text[:1] not in '<>|' or text[1:] not in PLAIN_NUMPY_TYPES:
+        raise pickle.UnpicklingError(f'numpy dtype {_short.repr(dtype)} is not allowed (only plain numeric types: '
+                                     f'{", ".join(PLAIN_NUMPY_TYPES)})')
+    return np.dtype(text)
 
 
-def _numpy_reconstruct(cls, *args):
-    import numpy as np
-    if cls is not np.ndarray:
-        raise pickle.UnpicklingError(f'refusing numpy array of class {cls!r}')
-    return _multiarray()._reconstruct(cls, *args)
+def numpy_dtype(spec, align=False, copy=False):
+    """`numpy.dtype(spec, align, copy)` as numpy pickles it (`('f8', False, True)`; Python-2 pickles such as
+    CIFAR-10's: `('u1', 0, 1)`): a fresh plain dtype."""
+    if not isinstance(spec, str) or spec not in PLAIN_NUMPY_TYPES or type(align) not in (bool, int) or align:
+        raise pickle.UnpicklingError(f'numpy dtype {_short.repr(spec)} is not allowed (only plain numeric types: '
+                                     f'{", ".join(PLAIN_NUMPY_TYPES)})')
+    return np.dtype(spec, False, True)  # a copy: its (checked) BUILD must not touch numpy's shared instance
+
+
+def _build_dtype(dtype, state):
+    byteorders = ('|',) if dtype.itemsize == 1 else ('<', '>', '=')
+    if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in byteorders
+            and state[2:] == (None, None, None, -1, -1, 0)):
+        raise pickle.UnpicklingError(f'numpy dtype state {_short.repr(state)} is not the plain state of '
+                                     f'{dtype.str[1:]}; refusing it')
+    dtype.__setstate__(state)
+
+
+def _raw_bytes(data, what):
+    if isinstance(data, str):  # Python-2 pickles (CIFAR-10) hold raw data as latin1 text
+        data = data.encode('latin1')
+    if not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f'{what} data is a {type(data).__name__}, not raw bytes')
+    return data
+
+
+def _build_array(array, state):
+    """ndarray.__setstate__ after checking (version 1, shape, plain dtype, fortran flag, raw bytes of the size)."""
+    if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1 and isinstance(state[1], tuple)
+            and len(state[1]) <= MAX_ARRAY_DIMS and all(type(n) is int and 0 <= n < 1 << 40 for n in state[1])
+            and type(state[3]) is bool):
+        raise pickle.UnpicklingError(f'numpy array state {_short.repr(state)} is not (1, shape, dtype, fortran, '
+                                     f'bytes); refusing it')
+    _, shape, dtype, fortran, data = state
+    dtype, data = _plain_dtype(dtype), _raw_bytes(data, 'numpy array')
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        raise pickle.UnpicklingError(f'numpy array of shape {_short.repr(shape)} and dtype {dtype.str[1:]} has '
+                                     f'{len(data)} bytes of data, expected {math.prod(shape) * dtype.itemsize}')
+    array.__setstate__((1, shape, dtype, fortran, data))
+
+
+def numpy_reconstruct(cls, shape, typecode):
+    """`numpy.core.multiarray._reconstruct(ndarray, (0,), b'b')`: the empty array a BUILD then fills."""
+    if cls is not NDARRAY or shape != (0,) or typecode not in (b'b', 'b'):
+        raise pickle.UnpicklingError(f'refusing numpy _reconstruct{_short.repr((cls, shape, typecode))} (only '
+                                     f'plain numpy arrays)')
+    return np.empty(0, np.int8)
+
+
+def numpy_scalar(dtype, data=None):
+    """`numpy.core.multiarray.scalar(dtype, raw bytes)` of a plain numeric dtype."""
+    dtype, data = _plain_dtype(dtype), _raw_bytes(data, 'numpy scalar')
+    if len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError(f'numpy scalar of dtype {dtype.str[1:]} has {len(data)} bytes, expected '
+                                     f'{dtype.itemsize}')
+    return _multiarray().scalar(dtype, data)
 
 
 def _tensor_globals():
@@ -163,11 +284,10 @@ def _tensor_globals():
 
 
 def _numpy_globals():
-    import numpy as np
-    allowed = {('numpy', 'dtype'): np.dtype, ('numpy', 'ndarray'): np.ndarray}
+    allowed = {('numpy', 'dtype'): numpy_dtype, ('numpy', 'ndarray'): NDARRAY}
     for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):  # NumPy 1 writes the first, NumPy 2 the second
-        allowed[(module, 'scalar')] = _numpy_scalar
-        allowed[(module, '_reconstruct')] = _numpy_reconstruct
+        allowed[(module, 'scalar')] = numpy_scalar
+        allowed[(module, '_reconstruct')] = numpy_reconstruct
     return allowed
 
 
@@ -175,39 +295,51 @@ TENSOR_GLOBALS = _tensor_globals()
 NUMPY_GLOBALS = _numpy_globals()
 
 # ----------------------------------------------------------------------------------------------
-# The unpickler.
+# The unpickler: pickle's pure-Python machine with our own handlers for every opcode that acts on an object.
 
-def _refuse_hooked_tensors(root):
-    """BUILD on a tensor runs Tensor.__setstate__, which installs backward hooks from the stream (only allow-listed
-    callables can get there, but hooks are code paths nobody asked for): refuse any loaded tensor that has them."""
-    stack, seen = [root], set()
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            if getattr(obj, '_backward_hooks', None):
-                raise pickle.UnpicklingError('a tensor carries backward hooks, which would be code; refusing')
-        elif isinstance(obj, dict):
-            stack.extend(obj.keys())
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack.extend(obj)
-        elif type(obj).__module__ == 'numpy' and getattr(getattr(obj, 'dtype', None), 'hasobject', False):
-            stack.extend(obj.flat)
-        elif hasattr(obj, '__dict__') and not isinstance(obj, type):
-            stack.append(vars(obj))
+def _type_name(obj):
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f'{cls.__module__}.{cls.__qualname__}'
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+def _reading_what_exists(read):
+    """`file.read(n)` that allocates no more than the file holds (pickle length fields come from the stream, and
+    a buffered read of n bytes reserves n bytes first); a short read is the end of the file."""
+    def read_exactly(n=-1):
+        if n is None or n < 0:
+            return read(n)
+        parts, left = [], n
+        while left > 0:
+            part = read(min(left, READ_CHUNK))
+            if not part:
+                raise EOFError
+            parts.append(part)
+            left -= len(part)
+        return parts[0] if len(parts) == 1 else b''.join(parts)
+    return read_exactly
+
+
+def _is_dict_like(obj):  # SETITEM(S) may only fill dicts whose item assignment is dict's own
+    return isinstance(obj, dict) and type(obj).__setitem__ in (dict.__setitem__, collections.OrderedDict.__setitem__)
+
+
+def _refuse_opcode(name, why):
+    def refuse(self):
+        raise pickle.UnpicklingError(f'opcode {name} is not allowed ({why})')
+    return refuse
+
+
+class RestrictedUnpickler(pickle._Unpickler):
     """Resolves only `allowed` {(module, name): object}; any other global raises naming it and `source`
     (or becomes `inert`, e.g. InertNode, when given). `storage(dtype, key, numel)` serves the persistent ids
     `('storage', <dtype>, key, location, numel)` of zip-format files; plain pickles have none.
-    `hint` is appended to refusals (e.g. how to opt in to trusted loading)."""
+    `hint` is appended to refusals (e.g. how to opt in to trusted loading). At most `max_opcodes` opcodes run."""
+    dispatch = dict(pickle._Unpickler.dispatch)
+    max_opcodes = MAX_OPCODES
 
     def __init__(self, file, allowed, source='<stream>', inert=None, storage=None, hint='', **kwargs):
         super().__init__(file, **kwargs)
+        self._file_read = _reading_what_exists(self._file_read)
         self.allowed, self.source, self.inert, self.storage, self.hint = allowed, source, inert, storage, hint
         self.storages = {}
 
@@ -217,22 +349,139 @@ class RestrictedUnpickler(pickle.Unpickler):
             return obj
         if self.inert is not None:
             return self.inert
-        raise pickle.UnpicklingError(f'{self.source}: global {module}.{name} is not allowed in this kind of file '
-                                     f'(refused; nothing in the file was run){". " + self.hint if self.hint else ""}')
+        raise pickle.UnpicklingError(f'{self.source}: global {_short.repr(module)[1:-1]}.{_short.repr(name)[1:-1]} '
+                                     f'is not allowed in this kind of file (refused; nothing in the file was run)'
+                                     f'{". " + self.hint if self.hint else ""}')
 
     def load(self):
-        obj = super().load()
-        _refuse_hooked_tensors(obj)
-        return obj
+        """pickle's loop, counting opcodes (the budget bounds the time and memory one stream can cost)."""
+        self._unframer = pickle._Unframer(self._file_read, self._file_readline)
+        self.read, self.readinto, self.readline = self._unframer.read, self._unframer.readinto, self._unframer.readline
+        self.metastack, self.stack, self.proto = [], [], 0
+        self.append = self.stack.append
+        read, dispatch = self.read, self.dispatch
+        try:
+            for _ in range(self.max_opcodes):
+                key = read(1)
+                if not key:
+                    raise EOFError
+                handler = dispatch.get(key[0])
+                if handler is None:
+                    raise pickle.UnpicklingError(f'invalid load key, {key!r}')
+                handler(self)
+        except pickle._Stop as stop:
+            return stop.value
+        raise pickle.UnpicklingError(f'the pickle holds more than {self.max_opcodes:,} objects (opcodes); refusing '
+                                     f'it')
 
     def persistent_load(self, pid):
         ok = (self.storage is not None and isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == 'storage'
-              and isinstance(pid[1], torch.dtype) and isinstance(pid[2], str) and isinstance(pid[4], int))
+              and isinstance(pid[1], torch.dtype) and isinstance(pid[2], str) and type(pid[4]) is int
+              and pid[4] >= 0)
         if not ok:
-            raise pickle.UnpicklingError(f'{self.source}: unsupported persistent id {pid!r}')
+            raise pickle.UnpicklingError(f'unsupported persistent id {_short.repr(pid)}')
         if pid[2] not in self.storages:  # tensors sharing a storage get the same one
             self.storages[pid[2]] = self.storage(pid[1], pid[2], pid[4])
         return self.storages[pid[2]]
+
+    # Opcodes that act on objects. -----------------------------------------------------------
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, InertNode):
+            inst.state = state
+        elif isinstance(inst, Record):
+            if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+                raise pickle.UnpicklingError(f'state of a {type(inst).__name__} is not a dict of attributes')
+            inst.__setstate__(state)
+        elif type(inst) is np.ndarray:
+            _build_array(inst, state)
+        elif isinstance(inst, np.dtype):
+            _build_dtype(inst, state)
+        elif type(inst) is collections.OrderedDict and isinstance(state, dict) and set(state) == {'_metadata'}:
+            pass  # a state dict's per-module versions: nothing of ours reads them
+        else:
+            raise pickle.UnpicklingError(f'BUILD (setting the state) of a {_type_name(inst)} is not allowed (only of '
+                                         f'records, numpy arrays and dtypes); refusing it')
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def _new(self, cls, args, kwargs):
+        plain = (isinstance(cls, type) and (issubclass(cls, (Record, InertNode)) or cls in (list, set, dict)
+                                             or (_is_dict_like_type(cls) and cls.__new__ is dict.__new__)))
+        if not plain or not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            name = _type_name(cls) if isinstance(cls, type) else _short.repr(cls)
+            raise pickle.UnpicklingError(f'NEWOBJ (creating an instance) of {name} is not allowed (only of records '
+                                         f'and plain containers); refusing it')
+        self.append(cls.__new__(cls, *args, **kwargs))
+
+    def load_newobj(self):
+        args = self.stack.pop()
+        self._new(self.stack.pop(), args, {})
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+
+    def load_newobj_ex(self):
+        kwargs, args = self.stack.pop(), self.stack.pop()
+        self._new(self.stack.pop(), args, kwargs)
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+
+    def load_reduce(self):
+        args = self.stack.pop()
+        func = self.stack[-1]
+        containers_only = isinstance(func, type) and not issubclass(func, (Record, InertNode))
+        if not isinstance(args, tuple) or (containers_only and not all(
+                isinstance(a, (list, tuple, dict, set, frozenset)) for a in args)):
+            raise pickle.UnpicklingError(f'REDUCE (a call) of {_short.repr(func)} with arguments {_short.repr(args)} '
+                                         f'is not allowed; refusing it')
+        self.stack[-1] = func(*args)
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def _filled(self, accept, opcode):
+        target = self.stack[-1]
+        if not (accept(target) or isinstance(target, InertNode)):
+            raise pickle.UnpicklingError(f'{opcode} on a {_type_name(target)} is not allowed; refusing it')
+        return target
+
+    def load_append(self):
+        value = self.stack.pop()
+        self._filled(lambda t: type(t) is list, 'APPEND').append(value)
+    dispatch[pickle.APPEND[0]] = load_append
+
+    def load_appends(self):
+        items = self.pop_mark()
+        self._filled(lambda t: type(t) is list, 'APPENDS').extend(items)
+    dispatch[pickle.APPENDS[0]] = load_appends
+
+    def load_setitem(self):
+        value, key = self.stack.pop(), self.stack.pop()
+        self._filled(_is_dict_like, 'SETITEM')[key] = value
+    dispatch[pickle.SETITEM[0]] = load_setitem
+
+    def load_setitems(self):
+        items = self.pop_mark()
+        target = self._filled(_is_dict_like, 'SETITEMS')
+        for i in range(0, len(items) - 1, 2):
+            target[items[i]] = items[i + 1]
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+
+    def load_additems(self):
+        items = self.pop_mark()
+        target = self.stack[-1]
+        if type(target) is not set:
+            raise pickle.UnpicklingError(f'ADDITEMS on a {_type_name(target)} is not allowed; refusing it')
+        target.update(items)
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+
+    for _opcode, _why in [(pickle.INST, 'protocol-0 class instances'), (pickle.OBJ, 'protocol-1 class instances'),
+                          (pickle.EXT1, 'extension registry'), (pickle.EXT2, 'extension registry'),
+                          (pickle.EXT4, 'extension registry'), (pickle.BYTEARRAY8, 'protocol-5 buffers'),
+                          (pickle.NEXT_BUFFER, 'protocol-5 buffers'), (pickle.READONLY_BUFFER, 'protocol-5 buffers')]:
+        dispatch[_opcode[0]] = _refuse_opcode(_opcode.decode('latin1'), _why)
+    del _opcode, _why
+
+
+def _is_dict_like_type(cls):
+    return issubclass(cls, dict) and cls.__setitem__ in (dict.__setitem__, collections.OrderedDict.__setitem__)
 
 
 def is_torchscript(names):
@@ -240,17 +489,43 @@ def is_torchscript(names):
     return any(n.count('/') >= 1 and (n.split('/', 1)[1].startswith('code/') or n.split('/', 1)[1] == 'constants.pkl')
                for n in names)
 
+# ----------------------------------------------------------------------------------------------
+# Zip-format torch files: every member's declared size is checked before it is read.
 
-def _zip_storage(archive, root, source):
-    def storage(dtype, key, numel):
+class _ZipMembers:
+    """Reads members of one archive; together they may inflate to ZIP_INFLATION × the archive + ZIP_SLACK."""
+
+    def __init__(self, archive, source):
+        self.archive, self.source = archive, source
+        fp = archive.fp
+        position = fp.tell()
+        self.archive_bytes = fp.seek(0, io.SEEK_END)
+        fp.seek(position)
+        self.left = self.limit = ZIP_INFLATION * self.archive_bytes + ZIP_SLACK
+
+    def info(self, name, what):
         try:
-            data = archive.read(f'{root}data/{key}')
+            return self.archive.getinfo(name)
         except KeyError:
-            raise pickle.UnpicklingError(f'{source}: storage {key!r} is missing from the archive') from None
+            raise pickle.UnpicklingError(f'{self.source}: {what} is missing from the archive') from None
+
+    def read(self, info):
+        if info.file_size > self.left:
+            raise pickle.UnpicklingError(f'{self.source}: member {_short.repr(info.filename)} declares '
+                                         f'{info.file_size:,} bytes; the archive of {self.archive_bytes:,} bytes may '
+                                         f'inflate to at most {self.limit:,}; refusing it')
+        self.left -= info.file_size
+        return self.archive.read(info)
+
+
+def _zip_storage(members, root):
+    def storage(dtype, key, numel):
+        info = members.info(f'{root}data/{key}', f'storage {_short.repr(key)}')
         itemsize = torch.empty(0, dtype=dtype).element_size()
-        if len(data) != numel * itemsize:
-            raise pickle.UnpicklingError(f'{source}: storage {key!r} has {len(data)} bytes, '
+        if info.file_size != numel * itemsize:
+            raise pickle.UnpicklingError(f'{members.source}: storage {_short.repr(key)} has {info.file_size} bytes, '
                                          f'expected {numel}×{itemsize}')
+        data = members.read(info)
         flat = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
         return torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True)
     return storage
@@ -267,11 +542,17 @@ def read_zip(archive, allowed, source, inert=None, hint='', torchscript_data=Fal
     pickles = [n for n in names if n.count('/') == 1 and n.endswith('/data.pkl')]
     if len(pickles) != 1:
         raise pickle.UnpicklingError(f'{source}: zip file without exactly one <root>/data.pkl; not a torch.save file')
-    root = pickles[0][:-len('data.pkl')]
-    if f'{root}byteorder' in names and archive.read(f'{root}byteorder') != b'little':
-        raise pickle.UnpicklingError(f'{source}: big-endian torch files are not supported')
-    unpickler = RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), allowed, source, inert=inert,
-                                    storage=_zip_storage(archive, root, source), hint=hint)
+    members, root = _ZipMembers(archive, source), pickles[0][:-len('data.pkl')]
+    if f'{root}byteorder' in names:
+        info = members.info(f'{root}byteorder', 'byteorder')
+        if info.file_size > 16 or members.read(info) != b'little':
+            raise pickle.UnpicklingError(f'{source}: big-endian torch files are not supported')
+    info = members.info(pickles[0], 'data.pkl')
+    if info.file_size > MAX_PICKLE_BYTES:
+        raise pickle.UnpicklingError(f'{source}: data.pkl declares {info.file_size:,} bytes, more than '
+                                     f'{MAX_PICKLE_BYTES:,}; refusing it')
+    unpickler = RestrictedUnpickler(io.BytesIO(members.read(info)), allowed, source, inert=inert,
+                                    storage=_zip_storage(members, root), hint=hint)
     return unpickler.load()
 
 
@@ -290,7 +571,7 @@ def load(file, allowed, source='<stream>', inert=None, hint='', torchscript_data
         return RestrictedUnpickler(file, allowed, source, inert=inert, hint=hint, encoding=encoding).load()
     except pickle.UnpicklingError as err:
         message = str(err)
-        if message == 'pickle data was truncated':
+        if message in ('pickle data was truncated', 'pickle exhausted before end of frame'):
             message = TRUNCATED
         raise pickle.UnpicklingError(message if message.startswith(source) else f'{source}: {message}') from None
     except EOFError:
@@ -298,9 +579,14 @@ def load(file, allowed, source='<stream>', inert=None, hint='', torchscript_data
     except (zipfile.BadZipFile, zipfile.LargeZipFile) as err:
         raise pickle.UnpicklingError(f'{source}: corrupt zip archive ({err})') from None
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError, OverflowError,
-            UnicodeDecodeError, ImportError) as err:  # malformed opcodes or arguments
+            UnicodeDecodeError, ImportError, MemoryError, RecursionError, struct.error) as err:
         raise pickle.UnpicklingError(f'{source}: not a readable pickle of the expected kind '
-                                     f'({err.__class__.__name__}: {err})') from None
+                                     f'({err.__class__.__name__}: {_first_line(err)})') from None
+
+
+def _first_line(err):
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else ''
 
 
 def load_path(path, allowed, source=None, **kwargs):

@@ -11,6 +11,7 @@ and filled by name with the pickled tensors; every other record (EDMLoss, Augmen
 inert record.
 """
 import copy
+import inspect
 import math
 import pickle
 import zipfile
@@ -30,7 +31,7 @@ UNSAFE_HINT = ('If you trust this file, pass allow_unsafe_pickle=True (CLI: --al
 #----------------------------------------------------------------------------
 # Restricted unpickling (torch_utils/safe_pickle.py; allow-list of docs/checkpoint-format.md §2.3).
 
-class PersistentRecord:
+class PersistentRecord(safe_pickle.Record):
     """A persistent object read in safe mode: class name + instance dict (plain data and tensors).
     Nothing of it is executed; network records are turned into modules by `load_snapshot`."""
 
@@ -119,15 +120,92 @@ def _check_structure(node, module, path, source):
             _check_structure(child, getattr(module, name, None), f'{path}.{name}' if path else name, source)
 
 
+# Bounds of a constructor record, checked before anything is built: generous over every EDM/ADM/EDM2 config
+# (EDM's ADM ImageNet-64: model_channels 192, channel_mult [1,2,3,4], num_blocks 3), tight enough that a record
+# is refused in milliseconds instead of costing minutes and gigabytes (docs/threat-model.md §1).
+CONSTRUCTOR_INT_LIMITS = {'img_resolution': 4096, 'img_channels': 64, 'in_channels': 64, 'out_channels': 128,
+                          'label_dim': 100_000, 'augment_dim': 64, 'model_channels': 1024, 'channel_mult_emb': 16,
+                          'channel_mult_noise': 16, 'num_blocks': 32}
+CONSTRUCTOR_LIST_LIMITS = {'channel_mult': 16, 'attn_resolutions': 4096}  # per entry; other lists: any number
+MAX_CONSTRUCTOR_LIST, MAX_CONSTRUCTOR_INT, MAX_CONSTRUCTOR_STR = 16, 1_000_000, 64
+MAX_PARAMETERS = 2_000_000_000  # estimated from the record; EDM's largest network has ~300M
+
+
+def _constructor_arguments(cls, args, kwargs):
+    """{name: value} of every argument the constructor of `cls` (and of a preconditioner's U-Net) will see."""
+    if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+        raise TypeError(f'_init_args/_init_kwargs are {type(args).__name__}/{type(kwargs).__name__}')
+    bound = inspect.signature(cls.__mro__[1]).bind(*args, **kwargs)  # __mro__[1]: the class under persistence's
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    model_kwargs = values.pop('model_kwargs', None)
+    if model_kwargs is not None:
+        unet = networks._MODEL_TYPES.get(values['model_type']) if isinstance(values['model_type'], str) else None
+        if unet is None:
+            raise TypeError(f'model_type={_short(values["model_type"])} is not one of {list(networks._MODEL_TYPES)}')
+        inner = inspect.signature(unet.__mro__[1]).bind_partial(**model_kwargs)
+        inner.apply_defaults()
+        values.update(inner.arguments)
+    return values
+
+
+def _check_bound(name, value):
+    """None if `value` is a plain constructor argument within the bounds, else what is wrong with it."""
+    if isinstance(value, (list, tuple)):
+        limit = CONSTRUCTOR_LIST_LIMITS.get(name, MAX_CONSTRUCTOR_INT)
+        if len(value) > MAX_CONSTRUCTOR_LIST:
+            return f'has {len(value)} entries (at most {MAX_CONSTRUCTOR_LIST})'
+        return next((f'entry {v!r} is not a number in [0, {limit}]' for v in value if isinstance(v, bool) or
+                     not isinstance(v, (int, float)) or not 0 <= v <= limit), None)
+    if value is None or isinstance(value, (bool, float, np.floating)):
+        return None
+    if isinstance(value, str):
+        return None if len(value) <= MAX_CONSTRUCTOR_STR else f'is a string of {len(value)} characters'
+    if isinstance(value, (int, np.integer)):
+        limit = CONSTRUCTOR_INT_LIMITS.get(name, MAX_CONSTRUCTOR_INT)
+        return None if 0 <= value <= limit else f'is out of bounds (expected 0..{limit})'
+    return f'is a {type(value).__name__}, not plain data'
+
+
+def _parameter_estimate(values):
+    channels = [values['model_channels'] * m for m in values['channel_mult']]
+    emb = values['model_channels'] * values['channel_mult_emb']
+    blocks = 2 * values['num_blocks'] + 1  # encoder and decoder blocks per level, two 3x3 convolutions each
+    return sum(blocks * (18 * c * c + 2 * emb * c) for c in channels) + values['label_dim'] * emb + 2 * emb * emb
+
+
+def _check_constructor_record(class_name, args, kwargs, source):
+    """Refuse a constructor record outside the bounds above before anything is built."""
+    try:
+        values = _constructor_arguments(NETWORK_CLASSES[class_name], args, kwargs)
+    except TypeError as err:
+        raise ValueError(f'{source}: cannot rebuild {class_name} from its constructor record: {err}') from None
+    for name, value in values.items():
+        problem = _check_bound(name, value)
+        if problem:
+            raise ValueError(f'{source}: constructor record of {class_name}: {name}={_short(value)} {problem}; '
+                             f'refusing to build it')
+    estimate = _parameter_estimate(values)
+    if estimate > MAX_PARAMETERS:
+        raise ValueError(f'{source}: constructor record of {class_name} describes a network of about {estimate:,} '
+                         f'parameters (more than {MAX_PARAMETERS:,}); refusing to build it')
+
+
+def _short(value):
+    return safe_pickle._short.repr(value)
+
+
 def _rebuild_network(node, source):
     class_name = _node_class_name(node)
     state = _node_state(node)
     if '_init_kwargs' not in state:
         raise ValueError(f'{source}: {class_name} has no constructor record (_init_kwargs)')
+    args, kwargs = state.get('_init_args', ()), state['_init_kwargs']
+    _check_constructor_record(class_name, args, kwargs, source)
     with torch.device('meta'):  # no allocation or random init: every tensor comes from the checkpoint
         try:
-            net = NETWORK_CLASSES[class_name](*state.get('_init_args', ()), **state['_init_kwargs'])
-        except TypeError as err:
+            net = NETWORK_CLASSES[class_name](*args, **kwargs)
+        except (TypeError, ValueError) as err:
             raise ValueError(f'{source}: cannot rebuild {class_name} from its constructor record: {err}') from None
     _check_structure(node, net, '', source)
     tensors = {name: t.detach() for name, t in _node_tensors(node).items()}
@@ -149,15 +227,34 @@ def _is_network(obj):
     return persistence.is_persistent(obj) and type(obj).__name__ in NETWORK_CLASSES  # unsafe mode: live objects
 
 
-def _materialize(obj, source):
-    """Replace network records (or networks built by embedded code) in the snapshot's containers by our modules."""
+MAX_NESTING = 100  # containers around the networks of a snapshot (real ones: 1 or 2 levels)
+_IN_PROGRESS = object()  # memo entry of a container whose items are being rebuilt
+
+
+def _materialize(obj, source, memo=None, depth=0):
+    """Replace network records (or networks built by embedded code) in the snapshot's containers by our modules.
+    Memoised by id: shared containers and networks are rebuilt once (a DAG stays a DAG, never exponential);
+    a container that contains itself or nests deeper than MAX_NESTING is refused."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        if memo[id(obj)] is _IN_PROGRESS:
+            raise ValueError(f'{source}: the snapshot contains itself (a container refers back to itself)')
+        return memo[id(obj)]
+    if depth > MAX_NESTING:
+        raise ValueError(f'{source}: the snapshot nests containers more than {MAX_NESTING} deep')
+    if len(memo) > safe_pickle.MAX_OBJECTS:
+        raise ValueError(f'{source}: the snapshot holds more than {safe_pickle.MAX_OBJECTS:,} objects')
+    memo[id(obj)] = _IN_PROGRESS
     if _is_network(obj):
-        return _rebuild_network(obj, source)
-    if isinstance(obj, dict):
-        return type(obj)((key, _materialize(value, source)) for key, value in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_materialize(value, source) for value in obj)
-    return obj
+        result = _rebuild_network(obj, source)
+    elif isinstance(obj, dict):
+        result = type(obj)((key, _materialize(value, source, memo, depth + 1)) for key, value in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        result = type(obj)(_materialize(value, source, memo, depth + 1) for value in obj)
+    else:
+        result = obj
+    memo[id(obj)] = result
+    return result
 
 def _read_trusted(f, name):
     """EDM's own way (plain pickle / torch.load), for files the user vouches for; TorchScript archives are
