@@ -200,7 +200,7 @@ def test_constructor_record_and_state_dict_load_with_weights_only(tmp_path):
     rebuilt.load_state_dict(data['net_state'])
     x = torch.randn(1, 3, 16, 16)
     assert type(rebuilt) is networks.D2OPrecond and torch.equal(rebuilt.eval()(x, 2.0), net.eval()(x, 2.0))
-    with pytest.raises(ValueError, match="unknown class_name 'Evil'"):
+    with pytest.raises(ValueError, match="unknown network class 'Evil'"):
         checkpoint.build_network(dict(class_name='Evil'))
 
 

@@ -204,11 +204,11 @@ TAMPERED = {
     'unknown class': (dict(edit_meta=_set(['networks', 'ema', 'class_name'], 'os.system')),
                       "network 'ema': unknown network class 'os.system'; expected one of"),
     'huge num_blocks': (dict(edit_meta=_set(['networks', 'ema', 'init_kwargs', 'num_blocks'], 4000)),
-                        "network 'ema': constructor argument num_blocks=4000 is out of range (at most 8)"),
+                        "network 'ema': constructor record of EDMPrecond: num_blocks=4000 is out of bounds (expected 0..16)"),
     'huge list': (dict(edit_meta=_set(['networks', 'ema', 'init_kwargs', 'channel_mult'], [1] * 1000)),
-                  'constructor argument channel_mult is a list that is too long or too deep'),
+                  'constructor record of EDMPrecond: channel_mult=[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, ...] has 1000 entries (at most 8)'),
     'bad argument': (dict(edit_meta=_set(['networks', 'ema', 'init_kwargs', 'model_type'], 'Nope')),
-                     "cannot build EDMPrecond from its constructor record (ValueError: EDMPrecond: model_type='Nope'"),
+                     "cannot rebuild EDMPrecond from its constructor record: model_type='Nope' is not one of"),
     'changed attribute': (dict(edit_meta=_set(['networks', 'ema', 'attributes', 'sigma_data'], 0.25)),
                           'attribute sigma_data is 0.25 in the file but 0.5 when rebuilt'),
     'wrong version': (dict(edit_meta=_set(['format_version'], 2)), 'd2o_snapshot format version 2; this code reads 1'),
@@ -220,7 +220,7 @@ TAMPERED = {
                                                                   f'header; missing: {CONV}'),
     'extra tensor': (dict(edit_tensors=lambda t: t.update({'ema.evil': torch.zeros(1)})), 'unexpected: ema.evil'),
 }
-HEADER_CASES = ('unknown class', 'huge num_blocks', 'huge list', 'wrong version')
+HEADER_CASES = ('unknown class', 'huge num_blocks', 'huge list', 'bad argument', 'wrong version')
 
 
 @pytest.mark.parametrize('case', sorted(TAMPERED))

@@ -125,8 +125,9 @@ def _check_structure(node, module, path, source):
 # is refused in milliseconds instead of costing minutes and gigabytes (docs/threat-model.md §1).
 CONSTRUCTOR_INT_LIMITS = {'img_resolution': 4096, 'img_channels': 64, 'in_channels': 64, 'out_channels': 128,
                           'label_dim': 100_000, 'augment_dim': 64, 'model_channels': 1024, 'channel_mult_emb': 16,
-                          'channel_mult_noise': 16, 'num_blocks': 32}
+                          'channel_mult_noise': 16, 'num_blocks': 16}
 CONSTRUCTOR_LIST_LIMITS = {'channel_mult': 16, 'attn_resolutions': 4096}  # per entry; other lists: any number
+CONSTRUCTOR_LIST_LENGTHS = {'channel_mult': 8}  # levels; other lists: MAX_CONSTRUCTOR_LIST entries
 MAX_CONSTRUCTOR_LIST, MAX_CONSTRUCTOR_INT, MAX_CONSTRUCTOR_STR = 16, 1_000_000, 64
 MAX_PARAMETERS = 2_000_000_000  # estimated from the record; EDM's largest network has ~300M
 
@@ -153,8 +154,9 @@ def _check_bound(name, value):
     """None if `value` is a plain constructor argument within the bounds, else what is wrong with it."""
     if isinstance(value, (list, tuple)):
         limit = CONSTRUCTOR_LIST_LIMITS.get(name, MAX_CONSTRUCTOR_INT)
-        if len(value) > MAX_CONSTRUCTOR_LIST:
-            return f'has {len(value)} entries (at most {MAX_CONSTRUCTOR_LIST})'
+        length = CONSTRUCTOR_LIST_LENGTHS.get(name, MAX_CONSTRUCTOR_LIST)
+        if len(value) > length:
+            return f'has {len(value)} entries (at most {length})'
         return next((f'entry {v!r} is not a number in [0, {limit}]' for v in value if isinstance(v, bool) or
                      not isinstance(v, (int, float)) or not 0 <= v <= limit), None)
     if value is None or isinstance(value, (bool, float, np.floating)):
@@ -176,6 +178,9 @@ def _parameter_estimate(values):
 
 def _check_constructor_record(class_name, args, kwargs, source):
     """Refuse a constructor record outside the bounds above before anything is built."""
+    if class_name not in NETWORK_CLASSES:
+        raise ValueError(f'{source}: unknown network class {_short(class_name)}; expected one of '
+                         f'{sorted(NETWORK_CLASSES)}')
     try:
         values = _constructor_arguments(NETWORK_CLASSES[class_name], args, kwargs)
     except TypeError as err:
@@ -345,10 +350,18 @@ def network_constructor_record(net):
                 init_kwargs=_plain_data(net._init_kwargs, name))
 
 
-def build_network(record):
-    """Construct a freshly initialised network from `network_constructor_record` output."""
-    class_name = record.get('class_name')
-    if class_name not in NETWORK_CLASSES:
-        raise ValueError(f'build_network: unknown class_name {class_name!r}; expected one of {sorted(NETWORK_CLASSES)}')
-    return NETWORK_CLASSES[class_name](*record.get('init_args', ()), **record.get('init_kwargs', {}))
+def check_constructor_record(record, source):
+    """A `network_constructor_record` read from a file (training state, safetensors header): one of our classes
+    with plain arguments within the bounds above; ValueError naming `source` otherwise."""
+    if not isinstance(record, dict):
+        raise ValueError(f'{source}: the constructor record is a {type(record).__name__}, not a dict')
+    _check_constructor_record(record.get('class_name'), record.get('init_args', ()), record.get('init_kwargs', {}),
+                              source)
+
+
+def build_network(record, source='build_network'):
+    """Construct a freshly initialised network from `network_constructor_record` output (checked first: it may
+    come from a file)."""
+    check_constructor_record(record, source)
+    return NETWORK_CLASSES[record['class_name']](*record.get('init_args', ()), **record.get('init_kwargs', {}))
 

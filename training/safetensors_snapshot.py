@@ -8,8 +8,8 @@ class name, constructor arguments and plain root attributes (sigma_min, sigma_da
 the snapshot's `dataset_kwargs`, `kimg` and source. Tensor `KEY.NAME` is entry NAME of that network's
 state_dict, so `safetensors.torch.load_file` alone gives every weight.
 
-Loading checks the header before anything is built (JSON types, a known class, bounded constructor
-arguments), builds each network on the meta device (no allocation, no random init), requires the file
+Loading checks the header before anything is built (JSON types, a known class, constructor
+arguments within training.checkpoint's bounds), builds each network on the meta device (no allocation, no random init), requires the file
 to hold exactly the tensors that architecture has (names, shapes, dtypes) and assigns them.
 
   save(path, snapshot, info)     the networks of a snapshot dict + plain metadata, written atomically
@@ -17,7 +17,6 @@ to hold exactly the tensors that architecture has (names, shapes, dtypes) and as
   load_snapshot(source) -> dict  {key: network (eval, frozen, float32), 'dataset_kwargs': ... if stored}
   read_metadata(source) -> (metadata, {tensor name: header entry}, local path)   checked, nothing built
   is_safetensors(source)         by extension, or for a local file by its first bytes
-  check_constructor_record(record, where)   the bounds every untrusted constructor record must meet
 """
 import json
 import os
@@ -38,57 +37,12 @@ MAX_NETWORKS = 8
 DTYPE_NAMES = {torch.float32: 'F32', torch.float16: 'F16', torch.bfloat16: 'BF16', torch.float64: 'F64',
                torch.int64: 'I64', torch.int32: 'I32', torch.uint8: 'U8', torch.bool: 'BOOL'}
 
-# Bounds on constructor arguments read from a file, checked before anything is built: building costs
-# time and memory in levels x blocks (and iDDPM's loop over M), so a tiny file could ask for minutes of
-# work. Well above every released EDM/D2O model (CIFAR-10: 4 blocks, 4 levels; ImageNet-64 ADM: 192
-# channels, 3 blocks, 4 levels, 1000 labels; iDDPM: M = 1000); the largest record allowed builds in seconds.
-ARGUMENT_LIMITS = dict(img_resolution=4096, img_channels=64, label_dim=100_000, augment_dim=1024,
-                       model_channels=4096, num_blocks=8, channel_mult_emb=64, channel_mult_noise=64, M=2000)
-MAX_INTEGER = 65536  # any other integer argument, and list entries such as channel_mult
-MAX_LIST = 8         # channel_mult (the levels), attn_resolutions, resample_filter
-MAX_KEYS = 64
-MAX_STRING = 256
-MAX_DEPTH = 3
 
 #----------------------------------------------------------------------------
 # Validation of untrusted header data.
 
 def _is_plain(value):
     return value is None or isinstance(value, (bool, int, float, str))
-
-
-def _check_argument(name, value, where, depth=0):
-    if value is None or isinstance(value, (bool, float)) or (isinstance(value, str) and len(value) <= MAX_STRING):
-        return
-    if isinstance(value, int):
-        limit = ARGUMENT_LIMITS.get(name, MAX_INTEGER)
-        if abs(value) > limit:
-            raise ValueError(f'{where}: constructor argument {name}={value} is out of range (at most {limit})')
-        return
-    if isinstance(value, (list, tuple)) and len(value) <= MAX_LIST and depth < MAX_DEPTH:
-        for item in value:
-            _check_argument(name, item, where, depth + 1)
-        return
-    if (isinstance(value, dict) and len(value) <= MAX_KEYS and depth < MAX_DEPTH
-            and all(isinstance(k, str) for k in value)):
-        for key, item in value.items():
-            _check_argument(key, item, where, depth + 1)
-        return
-    raise ValueError(f'{where}: constructor argument {name} is a {type(value).__name__} that is too long or too deep; '
-                     f'expected numbers, strings of at most {MAX_STRING} characters or lists of at most {MAX_LIST}')
-
-
-def check_constructor_record(record, where):
-    """{'class_name', 'init_args', 'init_kwargs'} naming one of our network classes, with bounded plain arguments."""
-    class_name = record.get('class_name') if isinstance(record, dict) else None
-    if class_name not in checkpoint.NETWORK_CLASSES:
-        raise ValueError(f'{where}: unknown network class {class_name!r}; expected one of '
-                         f'{sorted(checkpoint.NETWORK_CLASSES)}')
-    init_args, init_kwargs = record.get('init_args', []), record.get('init_kwargs', {})
-    if not isinstance(init_args, (list, tuple)) or not isinstance(init_kwargs, dict):
-        raise ValueError(f'{where}: init_args must be a list and init_kwargs an object')
-    _check_argument('init_args', list(init_args), where)
-    _check_argument('init_kwargs', init_kwargs, where)
 
 
 def _check_metadata(meta, where):
@@ -101,7 +55,7 @@ def _check_metadata(meta, where):
     for key, record in networks.items():
         if not KEY_PATTERN.fullmatch(key):
             raise ValueError(f'{where}: network key {key[:40]!r} is not a plain name')
-        check_constructor_record(record, f'{where}: network {key!r}')
+        checkpoint.check_constructor_record(record, f'{where}: network {key!r}')
         attributes = record.get('attributes', {})
         if not isinstance(attributes, dict) or not all(_is_plain(v) for v in attributes.values()):
             raise ValueError(f'{where}: network {key!r}: attributes must be an object of plain values')
@@ -180,11 +134,12 @@ def _check_tensors(entries, expected, where):
 # Building and loading.
 
 def build_on_meta(record, where):
-    """The network of a checked constructor record, on the meta device (its tensors are assigned afterwards)."""
-    check_constructor_record(record, where)
+    """The network of a constructor record (bounds checked first), on the meta device (its tensors are assigned
+    afterwards)."""
+    checkpoint.check_constructor_record(record, where)
     with torch.device('meta'):
         try:
-            return checkpoint.build_network(record)
+            return checkpoint.build_network(record, where)
         except Exception as err:  # any failure of our constructors on a bad record is a bad file
             raise ValueError(f'{where}: cannot build {record["class_name"]} from its constructor record '
                              f'({type(err).__name__}: {err})') from None

@@ -162,7 +162,7 @@ def rebuild_generator(record, cfg, log):
     kwargs = dict(record.get('init_kwargs', {}))
     if kwargs.get('use_fp16', False) != use_fp16:
         log(f'Resume: generator use_fp16 {kwargs.get("use_fp16", False)} -> {use_fp16} (--precision={cfg.precision})')
-    return checkpoint.build_network(dict(record, init_kwargs=dict(kwargs, use_fp16=use_fp16)))
+    return checkpoint.build_network(dict(record, init_kwargs=dict(kwargs, use_fp16=use_fp16)), "field 'G_record'")
 
 
 def build_training(cfg, plan, dataset, saved, device, log, resume_path=None):
