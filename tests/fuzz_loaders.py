@@ -83,12 +83,27 @@ def _tiny_network():
                                channel_mult_noise=1, resample_filter=[1, 1])
 
 
+def stable_storage_keys(data):
+    """Tensors pickled without torch.save carry legacy streams keyed by storage addresses: renumber the keys
+    (same length, so every enclosing size stays right) to make the file the same in every process."""
+    import re
+    keys = {}
+
+    def renumber(match):
+        digits = match.group(2)
+        if len(digits) != match.group(1)[0]:
+            return match.group(0)
+        key = keys.setdefault(digits, str(len(keys)).zfill(len(digits)).encode())
+        return match.group(0)[:5] + key
+    return re.sub(rb'X([\x08-\x18])\x00\x00\x00(\d{8,24})', renumber, data)
+
+
 def snapshot_seeds():
     from training import checkpoint
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, 'snapshot.pkl')
         checkpoint.save_snapshot(path, dict(ema=_tiny_network(), augment_pipe=None, dataset_kwargs=dict(resolution=8)))
-        seeds = [Path(path).read_bytes()]
+        seeds = [stable_storage_keys(Path(path).read_bytes())]
     fixture = FIXTURES / 'checkpoints' / 'edm_vp_ddpmpp_cond16.pkl'
     return seeds + ([fixture.read_bytes()] if fixture.is_file() else [])
 
@@ -108,7 +123,9 @@ def weights_seeds():
     torch.manual_seed(0)
     state = {'layers.conv.weight': torch.randn(4, 3, 3, 3), 'layers.conv.bias': torch.zeros(4),
              'output.weight': torch.randn(2, 4).half()}
-    return [_torch_bytes(state), _torch_bytes(state, zip_format=False), pickle.dumps(state, protocol=2)]
+    legacy = {'layers.conv.weight': state['layers.conv.weight']}  # one storage: the stream's order is fixed
+    return [_torch_bytes(state), stable_storage_keys(_torch_bytes(legacy, zip_format=False)),
+            stable_storage_keys(pickle.dumps(state, protocol=2))]
 
 
 def safetensors_seeds():
@@ -125,7 +142,8 @@ def embedding_pkl_seeds():
 def embedding_pt_seeds():
     import torch
     table = torch.arange(4 * 320, dtype=torch.float32).reshape(4, 320)
-    return [_torch_bytes(table), _torch_bytes({'weight': table}), _torch_bytes(table, zip_format=False)]
+    return [_torch_bytes(table), _torch_bytes({'weight': table}),
+            stable_storage_keys(_torch_bytes(table, zip_format=False))]
 
 
 def embedding_npy_seeds():
@@ -213,6 +231,14 @@ def call_folder(path):
 
 
 def _register_all():
+    """Fill LOADERS (once); FUZZ_EXTRA_LOADER=module:NAME adds one more `Loader` (the harness's own tests)."""
+    if LOADERS:
+        return
+    extra = os.environ.get('FUZZ_EXTRA_LOADER')
+    if extra:
+        import importlib
+        module, name = extra.split(':')
+        register(getattr(importlib.import_module(module), name))
     import click
     import dataset_tool
     from metrics import detector, reference, vit_weights
@@ -810,54 +836,55 @@ def _write_batch(cases, folder):
 DEATHS = ('timeout', 'signal', 'exit')
 
 
-def _death(process, timed_out):
+def _death(process, timed_out, deadline):
     if timed_out:
-        return 'timeout', f'no answer within {CASE_SECONDS:.0f} s (killed)', CASE_SECONDS
+        return 'timeout', f'no answer within {deadline:g} s (killed)', deadline
     code = process.returncode
     return ('signal', f'worker killed by signal {-code}', 0.0) if code < 0 else \
         ('exit', f'worker exited with {code}', 0.0)
 
 
-def run_batch(cases, folder):
+def run_batch(cases, folder, deadline=CASE_SECONDS):
     """[(kind, detail) or None] per case; the list stops after a case that killed its worker."""
     batch = _write_batch(cases, folder)
     with open(os.path.join(folder, 'worker.log'), 'wb') as log:
         process = subprocess.Popen([sys.executable, '-m', 'tests.fuzz_loaders', 'worker', batch], cwd=ROOT,
                                    stdout=subprocess.PIPE, stderr=log)
-    results, current, deadline, buffer = [], None, None, b''
+    results, current, due, buffer = [], None, None, b''
     try:
         while True:
-            wait = None if deadline is None else max(deadline - time.monotonic(), 0)
+            wait = None if due is None else max(due - time.monotonic(), 0)
             ready, _, _ = select.select([process.stdout], [], [], wait)
             if not ready:  # the current case is past its deadline
                 process.kill()
                 process.wait()
-                return results + [_death(process, True)]
+                return results + [_death(process, True, deadline)]
             chunk = os.read(process.stdout.fileno(), 65536)
             if not chunk:
                 process.wait()
-                return results + ([_death(process, False)] if current is not None else [])
+                return results + ([_death(process, False, None)] if current is not None else [])
             buffer += chunk
             *lines, buffer = buffer.split(b'\n')
             for line in map(json.loads, lines):
                 if 'start' in line:
-                    current, deadline = line['start'], time.monotonic() + CASE_SECONDS
+                    current, due = line['start'], time.monotonic() + deadline
                 else:
                     results.append((line['kind'], line['detail'], line['seconds']))
-                    current, deadline = None, None
+                    current, due = None, None
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
 
 
-def run_cases(cases, findings=None, log=print):
-    """Run every case; returns [(case, kind, detail, seconds)] (failures also saved under `findings`)."""
+def run_cases(cases, findings=None, log=print, deadline=CASE_SECONDS, stop_on_failure=False):
+    """Run the cases (until the first failure with `stop_on_failure`); returns [(case, kind, detail, seconds)]
+    (failures also saved under `findings`)."""
     outcomes = []
     with tempfile.TemporaryDirectory(prefix='fuzz-') as tmp:
-        while len(outcomes) < len(cases):
+        while len(outcomes) < len(cases) and not (stop_on_failure and any(o[1] != 'ok' for o in outcomes)):
             batch = cases[len(outcomes):]
-            results = run_batch(batch, tmp)
+            results = run_batch(batch, tmp, deadline)
             if not results:
                 raise RuntimeError(f'the fuzz worker did not start; see {tmp}/worker.log')
             for offset, (kind, detail, seconds) in enumerate(results):
