@@ -35,7 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / 'shared' / 'fixtures'
-MEMORY_HEADROOM = 2 << 30  # address space a worker may add to what its imports use: any case needing more fails
+MEMORY_HEADROOM = 1 << 30  # address space a worker may add to what its imports use: any case needing more fails
 CASE_SECONDS = 20.0  # a loader gets this long per case; real files of the project load in well under a second
 BOMB_SIZE = 3 << 30  # a zip member that inflates past the memory bound (compressed: ~3 MiB)
 # Failures that are the loader's fault however they are reported (also when wrapped in a documented error).
@@ -620,7 +620,16 @@ def pickle_streams(allowed):
     def build(draw):
         out = Emitter()
         out.emit(pickle.PROTO + bytes([draw(st.sampled_from([2, 4]))]))
-        _value(draw, out, st, names, 0)
+        if draw(st.booleans()):  # most loaders expect a dict at the top: {word: value, ...}
+            out.emit(pickle.EMPTY_DICT)
+            out.memoize()
+            out.emit(pickle.MARK)
+            for _ in range(draw(st.integers(1, 4))):
+                out.str(draw(st.sampled_from(WORDS)))
+                _value(draw, out, st, names, 1)
+            out.emit(pickle.SETITEMS)
+        else:
+            _value(draw, out, st, names, 0)
         if draw(st.integers(0, 3)) == 0:
             _value(draw, out, st, names, 0)  # a second value left on the stack
         out.emit(pickle.STOP)
@@ -878,23 +887,26 @@ def run_batch(cases, folder, deadline=CASE_SECONDS):
 
 
 def run_cases(cases, findings=None, log=print, deadline=CASE_SECONDS, stop_on_failure=False):
-    """Run the cases (until the first failure with `stop_on_failure`); returns [(case, kind, detail, seconds)]
-    (failures also saved under `findings`)."""
-    outcomes = []
+    """Run the cases; returns [(case, kind, detail, seconds)] (failures also saved under `findings`).
+    `stop_on_failure`: once a loader fails, its remaining cases are skipped (the bounded run needs one)."""
+    outcomes, pending = [], list(cases)
     with tempfile.TemporaryDirectory(prefix='fuzz-') as tmp:
-        while len(outcomes) < len(cases) and not (stop_on_failure and any(o[1] != 'ok' for o in outcomes)):
-            batch = cases[len(outcomes):]
-            results = run_batch(batch, tmp, deadline)
+        while pending:
+            results = run_batch(pending, tmp, deadline)
             if not results:
                 raise RuntimeError(f'the fuzz worker did not start; see {tmp}/worker.log')
             for offset, (kind, detail, seconds) in enumerate(results):
-                outcomes.append((batch[offset], kind, detail, seconds))
+                outcomes.append((pending[offset], kind, detail, seconds))
                 if kind == 'ok' or findings is None:
                     continue
-                sequence = batch[:offset + 1]
+                sequence = pending[:offset + 1]
                 if kind in DEATHS:  # always the last result of its batch
                     sequence = pin_down(sequence, kind, tmp)
-                log(f'  {batch[offset].loader}: {kind}: {detail} -> {save_finding(findings, sequence, kind, detail)}')
+                log(f'  {sequence[-1].loader}: {kind}: {detail} -> {save_finding(findings, sequence, kind, detail)}')
+            pending = pending[len(results):]
+            if stop_on_failure:
+                failed = {case.loader for case, kind, _, _ in outcomes if kind != 'ok'}
+                pending = [case for case in pending if case.loader not in failed]
     return outcomes
 
 
