@@ -995,7 +995,7 @@ def main(argv=None):
     unknown = sorted(set(names) - set(LOADERS))
     if unknown:
         parser.error(f'--loaders: unknown {unknown}; known: {sorted(LOADERS)}')
-    totals = fuzz(names, args.cases, args.seed, args.findings, args.minutes)
+    totals = fuzz(names, args.cases, args.seed, args.findings, args.minutes, log=lambda line: print(line, flush=True))
     for name, (count, failed, seconds) in totals.items():
         print(f'{name:20s} {count:7d} cases {failed:5d} failures {count / max(seconds, 1e-9):8.1f} cases/s')
     return 1 if any(failed for _, failed, _ in totals.values()) else 0
