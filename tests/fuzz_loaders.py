@@ -330,7 +330,7 @@ def duplicate_zip_member(data, pick, payload):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, 'w') as archive, _quiet():
         for member, content in members + [(name, original if payload is None else payload)]:
-            archive.writestr(member, content)
+            archive.writestr(zipfile.ZipInfo(member), content)  # ZipInfo: a fixed 1980 timestamp
     return buffer.getvalue()
 
 
@@ -547,25 +547,75 @@ def _container(draw, out, st, value, depth):
         out.emit(pickle.MARK, pickle.ADDITEMS)
 
 
+# Argument and BUILD-state shapes of the allowed callables (by name), so that a call often gets past its first
+# type check: a slot is a list of literals to pick from, or one of 'dtype', 'bytes', 'ndarray', 'shape', 'storage'.
+ARG_HINTS = {'dtype': [['O8', 'O', 'f8', 'V8', 'u1'], [False], [True]], 'scalar': ['dtype', 'bytes'],
+             '_reconstruct': ['ndarray', 'shape', [b'b']], 'Size': ['shape'],
+             '_rebuild_tensor_v2': ['storage', [0, 1, 2 ** 40], 'shape', 'shape', [False, True]]}
+BUILD_HINTS = {'dtype': [[3], ['|', '<'], [None], [None], [None], [-1, 8], [-1, 1], [0, 16, 63]],
+               '_rebuild_tensor_v2': ['storage', [0, 3], 'shape', 'shape'],
+               '_reconstruct': [[1], 'shape', 'dtype', [False], 'bytes']}
+
+
+def _plain(out, literal):
+    if isinstance(literal, bool) or literal is None:
+        out.emit({True: pickle.NEWTRUE, False: pickle.NEWFALSE, None: pickle.NONE}[literal])
+    elif isinstance(literal, int):
+        out.int(literal)
+    elif isinstance(literal, str):
+        out.str(literal)
+    else:
+        out.bytes(literal)
+
+
+def _hinted(draw, out, st, slots, names):
+    out.emit(pickle.MARK)
+    for slot in slots:
+        if isinstance(slot, list):
+            _plain(out, draw(st.sampled_from(slot)))
+        elif slot == 'dtype':
+            out.global_('numpy', 'dtype', False)
+            _hinted(draw, out, st, ARG_HINTS['dtype'], names)
+            out.emit(pickle.REDUCE)
+            if draw(st.booleans()):
+                _hinted(draw, out, st, BUILD_HINTS['dtype'], names)
+                out.emit(pickle.BUILD)
+        elif slot == 'bytes':
+            out.bytes(draw(st.binary(min_size=1, max_size=16)))
+        elif slot == 'ndarray':
+            out.global_('numpy', 'ndarray', False)
+        elif slot == 'shape':
+            _hinted(draw, out, st, [[0, 1, 2, 3, 2 ** 31]] * draw(st.integers(0, 3)), names)
+        else:
+            _persistent_id(draw, out, st, names)
+    out.emit(pickle.TUPLE)
+
+
 def _call(draw, out, st, value, depth, names):
     module, name = draw(st.sampled_from(names)) if draw(st.integers(0, 9)) else draw(st.sampled_from(REFUSED))
     out.global_(module, name, draw(st.booleans()))
-    out.emit(pickle.MARK)
-    for _ in range(draw(st.integers(0, 5))):
-        value(depth + 1)
-    out.emit(pickle.TUPLE)
+    if name in ARG_HINTS and draw(st.booleans()):
+        _hinted(draw, out, st, ARG_HINTS[name], names)
+    else:
+        out.emit(pickle.MARK)
+        for _ in range(draw(st.integers(0, 5))):
+            value(depth + 1)
+        out.emit(pickle.TUPLE)
     out.emit(draw(st.sampled_from([pickle.REDUCE, pickle.REDUCE, pickle.NEWOBJ])))
     if draw(st.integers(0, 2)) == 0:  # BUILD: state as a dict, a (dict, slots) pair, or a tuple of plain values
-        value(depth + 1)
+        if name in BUILD_HINTS and draw(st.booleans()):
+            _hinted(draw, out, st, BUILD_HINTS[name], names)
+        else:
+            value(depth + 1)
         out.emit(pickle.BUILD)
 
 
-def _shared_tower(draw, out, st):
+def shared_tower(out, height):
     """L0 = []; L(k+1) = [Lk, Lk]: a few hundred bytes, 2**height paths for a walk without a visited set."""
     out.emit(pickle.EMPTY_LIST)
     out.memoize()
-    for _ in range(draw(st.integers(8, 60))):
-        out.emit(pickle.MARK)
+    for _ in range(height):
+        out.emit(pickle.POP, pickle.MARK)
         out.get(out.memo - 1)
         out.get(out.memo - 1)
         out.emit(pickle.LIST)
@@ -597,7 +647,7 @@ def _value(draw, out, st, names, depth):
     elif kind == 'ref' and out.memo:
         out.get(draw(st.integers(0, out.memo + 1)))  # sometimes one past the memo: a dangling reference
     elif kind == 'tower':
-        _shared_tower(draw, out, st)
+        shared_tower(out, draw(st.integers(8, 60)))
     elif kind == 'persid':
         _persistent_id(draw, out, st, names)
     elif kind == 'nest':  # nesting far past the recursion limit of any recursive walk
@@ -637,15 +687,35 @@ def pickle_streams(allowed):
     return build()
 
 
+def known_attacks():
+    """{name: pickle stream}: hand-built instances of the attack classes the grammar reaches only by chance
+    (docs/fuzzing.md §2), run against every pickle loader in the bounded run."""
+    attacks = {}
+    # numpy.dtype('O8') whose BUILD state clears its flags, then a scalar of it made from raw bytes
+    attacks['object-dtype-scalar'] = (
+        b'\x80\x04cnumpy.core.multiarray\nscalar\n(cnumpy\ndtype\n(\x8c\x02O8\x89\x88tR(K\x03\x8c\x01|NNN'
+        b'J\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tbC\x08AAAAAAAAtR.')
+    attacks['binbytes8-2**40'] = pickle.PROTO + b'\x04' + pickle.BINBYTES8 + struct.pack('<Q', 2 ** 40) + b'x.'
+    out = Emitter()
+    out.emit(pickle.PROTO + b'\x04', pickle.EMPTY_DICT, pickle.MEMOIZE)
+    out.memo = 1
+    out.str('ema')
+    shared_tower(out, 64)
+    out.emit(pickle.SETITEM, pickle.STOP)
+    attacks['shared-tower-64'] = out.stream()
+    attacks['self-list'] = b'\x80\x04}\x94\x8c\x03ema\x94]\x94h\x02a\x85\x94s.'  # {'ema': (L,)}, L = [L]
+    attacks['nest-100000'] = b'\x80\x04' + b'(' * 100_000 + b']' + b'l' * 100_000 + b'.'
+    return attacks
+
+
 def torch_zip(stream, storages=(b'\0' * 16, b'\0' * 4)):
     """`stream` as `archive/data.pkl` of a zip-format torch file, with storages '0' and '1'."""
     buffer = io.BytesIO()
+    members = {'archive/data.pkl': stream, 'archive/byteorder': b'little', 'archive/version': b'3\n',
+               **{f'archive/data/{key}': data for key, data in enumerate(storages)}}
     with zipfile.ZipFile(buffer, 'w') as archive:
-        archive.writestr('archive/data.pkl', stream)
-        archive.writestr('archive/byteorder', b'little')
-        for key, data in enumerate(storages):
-            archive.writestr(f'archive/data/{key}', data)
-        archive.writestr('archive/version', b'3\n')
+        for name, data in members.items():
+            archive.writestr(zipfile.ZipInfo(name), data)  # ZipInfo: a fixed 1980 timestamp
     return buffer.getvalue()
 
 # ----------------------------------------------------------------------------------------------
@@ -692,11 +762,28 @@ def make_folder(entries, folder):
 # ----------------------------------------------------------------------------------------------
 # Drawing cases: hypothesis strategies, run with a fixed seed, so a (loader, seed, count) is always the same cases.
 
+def stable_zip_times(data):
+    """Zip writers (np.savez, the dataset writer) stamp the current time: clear it in every header, so a seed
+    file is the same in every run."""
+    if data[:4] != ZIP_LOCAL:
+        return data
+    data = bytearray(data)
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+        local = [info.header_offset for info in archive.infolist()]
+        at = archive.start_dir
+    for offset in local:
+        data[offset + 10:offset + 14] = bytes(4)
+    while data[at:at + 4] == ZIP_CENTRAL:
+        data[at + 12:at + 16] = bytes(4)
+        at += 46 + sum(struct.unpack('<HHH', data[at + 28:at + 34]))
+    return bytes(data)
+
+
 def case_strategy(loader):
     from hypothesis import strategies as st
     if loader.spec is not None:
         return loader.spec
-    seeds = loader.seeds()
+    seeds = [stable_zip_times(seed) for seed in loader.seeds()]
     parts = [mutated_files(seeds)]
     if loader.allowed is not None:
         streams = pickle_streams(loader.allowed)

@@ -2,7 +2,10 @@
 worker subprocess under the harness's memory bound and a per-case deadline. Every case must end in a documented
 one-line error naming the file, or in a sound loaded object. The long run is `make fuzz`."""
 import ctypes
+import hashlib
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -13,13 +16,17 @@ SEED = 0
 DEADLINE = 5.0  # seconds per case; every loader answers a case of this size in well under one
 # Loaders the current code fails, with the first failure the bounded run finds (flip to passing when fixed).
 KNOWN_FAILURES = {
-    'state': 'unnamed-source: a byte flip in data.pkl gives a bare UnicodeDecodeError (no file named)',
-    'detector': 'memory: a storage or BINBYTES8 size far beyond the file is allocated (MemoryError)',
-    'vit': 'memory: a storage or BINBYTES8 size far beyond the file is allocated (MemoryError)',
-    'embedding-pt': 'memory: a storage or BINBYTES8 size far beyond the file is allocated (MemoryError)',
-    'embedding-npy': 'memory: an .npy header shape of 10**12 is allocated (MemoryError)',
-    'npz': 'memory: a member inflating to 3 GiB is read whole (zip bomb)',
-    'dataset-zip': 'unnamed-source: a bad CRC of dataset.json is a bare BadZipFile (no file named)',
+    'snapshot': 'signal: numpy.dtype("O8") BUILD-cleared flags, then a scalar from raw bytes: SIGSEGV '
+                '(also: BINBYTES8 of 2**40 -> bare MemoryError, shared tower -> timeout, self-list -> RecursionError)',
+    'detector': 'memory: BINBYTES8 declaring 2**40 bytes is allocated (MemoryError inside the Error line)',
+    'vit': 'memory: BINBYTES8 declaring 2**40 bytes is allocated (MemoryError inside the Error line)',
+    'embedding-pkl': 'memory: BINBYTES8 declaring 2**40 bytes is allocated (MemoryError inside the Error line)',
+    'embedding-pt': 'memory: BINBYTES8 declaring 2**40 bytes is allocated (MemoryError inside the Error line)',
+    'embedding-npy': 'memory: an .npy header shape of 10**12 is allocated (MemoryError inside the Error line)',
+    'cifar': 'signal: numpy.dtype("O8") BUILD-cleared flags, then a scalar from raw bytes: SIGSEGV',
+    'mnist': 'signal: numpy.dtype("O8") BUILD-cleared flags, then a scalar from raw bytes: SIGSEGV',
+    'npz': 'memory: a member inflating to 3 GiB is read whole (zip bomb), bare MemoryError',
+    'dataset-zip': 'unnamed-source / memory: a bad CRC of dataset.json is a bare BadZipFile; a zip bomb member',
     'dataset-folder': 'timeout: a FIFO named *.png blocks the reader',
 }
 
@@ -39,11 +46,20 @@ def outcomes():
     """{loader: [(kind, detail)]} of the bounded run, all loaders in one worker stream."""
     fuzz_loaders._register_all()
     cases = [fuzz_loaders.Case(name, data, origin) for name, loader in fuzz_loaders.LOADERS.items()
-             for data, origin in fuzz_loaders.draw_cases(loader, CASES_PER_LOADER, SEED)]
+             for data, origin in fuzz_loaders.draw_cases(loader, CASES_PER_LOADER, SEED) + attacks(loader)]
     results = {name: [] for name in fuzz_loaders.LOADERS}
     for case, kind, detail, _ in fuzz_loaders.run_cases(cases, deadline=DEADLINE, stop_on_failure=True):
         results[case.loader].append((kind, detail))
     return results
+
+
+def attacks(loader):
+    """The known attack streams for a pickle loader, plain and (if it reads torch zips) as data.pkl."""
+    if loader.allowed is None:
+        return []
+    streams = [(data, {'attack': name}) for name, data in fuzz_loaders.known_attacks().items()]
+    return streams + [(fuzz_loaders.torch_zip(data), dict(origin, zip=True)) for data, origin in streams
+                      if loader.zip_pickle]
 
 
 def _loader_params():
@@ -56,13 +72,22 @@ def _loader_params():
 def test_loader_survives_bounded_fuzzing(outcomes, name):
     failures = [f'{kind}: {detail}' for kind, detail in outcomes[name] if kind != 'ok']
     assert not failures, f'failing case: {failures[0]}'
-    assert len(outcomes[name]) == CASES_PER_LOADER
+    assert len(outcomes[name]) == CASES_PER_LOADER + len(attacks(fuzz_loaders.LOADERS[name]))
 
 
-def test_cases_are_reproducible():
+def _digest(names, count):
     fuzz_loaders._register_all()
-    loader = fuzz_loaders.LOADERS['snapshot']
-    assert fuzz_loaders.draw_cases(loader, 5, SEED) == fuzz_loaders.draw_cases(loader, 5, SEED)
+    cases = b''.join(data for name in names for data, _ in fuzz_loaders.draw_cases(fuzz_loaders.LOADERS[name], count,
+                                                                                   SEED))
+    return hashlib.sha256(cases).hexdigest()
+
+
+def test_cases_are_the_same_in_every_process():
+    """Seeds and drawn cases do not depend on the process (storage addresses) or the clock (zip timestamps)."""
+    names = ['snapshot', 'detector', 'npz', 'dataset-zip']
+    child = subprocess.run([sys.executable, '-c', f'from tests.test_fuzz_loaders import _digest; '
+                            f'print(_digest({names!r}, 5))'], cwd=fuzz_loaders.ROOT, capture_output=True, text=True)
+    assert child.stdout.strip() == _digest(names, 5)
 
 
 def test_runner_pins_and_saves_a_crash_for_replay(tmp_path, monkeypatch):
