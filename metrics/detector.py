@@ -11,6 +11,7 @@ Sources, in order (`load_detector`): an explicit `--detector=PATH|URL`; NVIDIA's
   `weights_only=True` loader).
 Names are normalised to `layers.…` (+ `output.…` for NVIDIA's 1008-way head) and loaded strictly."""
 import importlib.util
+import io
 import os
 
 import torch
@@ -86,10 +87,12 @@ def read_detector_state_dict(path):
         with open(path, 'rb') as f:
             tree = safe_pickle.load(f, DETECTOR_GLOBALS, str(path), inert=InertNode, torchscript_data=True)
         if isinstance(tree, int) and tree == LEGACY_TORCH_MAGIC:
-            tree = torch.load(path, map_location='cpu', weights_only=True)
+            with open(path, 'rb') as f:  # from memory: torch's reader allocates a string's declared length on a
+                tree = torch.load(io.BytesIO(f.read()), map_location='cpu', weights_only=True)  # file, not on bytes
         tensors = collect_tensors(tree, '', {})
     except Exception as err:  # nothing in the file runs, so any failure means a malformed or foreign file
-        raise ValueError(f'{path}: cannot read FID Inception weights ({err.__class__.__name__}: {err})') from None
+        raise ValueError(f'{path}: cannot read FID Inception weights ({err.__class__.__name__}: '
+                         f'{safe_pickle.weights_only_reason(err)})') from None
     anchor = next((k for k in tensors if k == 'layers.conv.weight' or k.endswith('.layers.conv.weight')), None)
     if anchor is None:
         raise ValueError(f'{path}: no FID Inception weights found (expected tensors named like NVIDIA\'s '

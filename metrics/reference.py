@@ -13,14 +13,15 @@ Three layouts are read (all with `allow_pickle=False`: a reference file never ru
   (and spatial `mu_s`/`sigma_s`, unused here). FID uses the precomputed statistics as ADM's evaluator
   does; every other metric runs our networks over `arr_0`."""
 import json
-import math
 import zipfile
+import zlib
 
 import numpy as np
 
 from dnnlib import util
 from metrics.inception import NUM_FEATURES
 from metrics.scores import check_statistics
+from torch_utils import npy_header
 
 STATS_KEYS = {'inception': ('mu', 'sigma'), 'clip': ('clip_mu', 'clip_sigma'), 'dinov2': ('dinov2_mu', 'dinov2_sigma')}
 FEATURES_KEYS = {'inception': 'inception_features'}
@@ -29,7 +30,6 @@ ADM_IMAGES_KEY = 'arr_0'
 FORMAT = 'd2o-metric-refs-1'
 MAX_ARRAY_BYTES = 4 << 30  # the largest real reference, ADM's 256x256 batch (arr_0), holds 1.9 GB of images
 DEFLATE_MAX_RATIO = 1032  # deflate cannot expand data more than this (zlib's technical details)
-HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def network_identity(network):
@@ -132,11 +132,10 @@ def oversized_array(f):
             available = info.file_size if info.compress_type == zipfile.ZIP_STORED else \
                 min(info.file_size, DEFLATE_MAX_RATIO * info.compress_size + 1024)
             with archive.open(info) as member:
-                read_header = HEADER_READERS.get(np.lib.format.read_magic(member))
-                if read_header is None:
-                    return f'{info.filename} is not a version 1 or 2 .npy array'
-                shape, _, dtype = read_header(member)
-            declared = math.prod(shape) * dtype.itemsize
+                try:
+                    shape, _, declared = npy_header.declared_array(member)
+                except ValueError as err:
+                    return f'{info.filename} is {err}'
             if declared > min(available, MAX_ARRAY_BYTES):
                 return (f'{info.filename} declares shape {list(shape)} ({declared:,} bytes), but the file holds '
                         f'{available:,} bytes for it (at most {MAX_ARRAY_BYTES:,} are read)')
@@ -158,7 +157,7 @@ def load_reference(path_or_url):
         try:
             oversized = oversized_array(f)
             arrays = None if oversized else read_arrays(f)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as err:
             raise ValueError(f'{path_or_url}: not a readable reference .npz ({err.__class__.__name__}: '
                              f'{err})') from None
     if oversized:

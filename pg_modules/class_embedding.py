@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dnnlib import util
-from torch_utils import safe_pickle
+from torch_utils import npy_header, safe_pickle
 
 EMBED_DIM = 320  # width of tf_efficientnet_lite0's last stage, which the official embeddings were built from
 OFFICIAL_COMMIT = '9f8124de0ee48ddfcad6ced7101fae6b9f8c1380'
@@ -57,6 +57,17 @@ def _read_pickled_embedding(path):
         raise ValueError(f'class embedding {path}: no embed._parameters.weight in the pickle; {EXPECTED}') from None
 
 
+def _read_npy(path):
+    """np.load without pickle, its header's declared size checked against the file first."""
+    with open(path, 'rb') as f:
+        shape, _, declared = npy_header.declared_array(f)
+        if declared > os.fstat(f.fileno()).st_size:
+            raise ValueError(f'declares shape {list(shape)} ({declared:,} bytes) in a file of '
+                             f'{os.fstat(f.fileno()).st_size:,} bytes')
+        f.seek(0)
+        return np.load(f, allow_pickle=False)
+
+
 def load_class_embedding(path):
     """Return the [N, 320] float32 table stored in `path`."""
     path = os.fspath(path)
@@ -70,7 +81,7 @@ def load_class_embedding(path):
             table = safe_pickle.load_path(path, safe_pickle.TENSOR_GLOBALS, f'class embedding {path}')
             table = table.get('weight') if isinstance(table, dict) else table
         elif ext == '.npy':
-            table = torch.from_numpy(np.load(path, allow_pickle=False))
+            table = torch.from_numpy(_read_npy(path))
         else:
             raise ValueError(f'unknown extension {ext!r}')
     except Exception as err:  # nothing in the file runs, so any failure means a malformed or foreign file

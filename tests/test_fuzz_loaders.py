@@ -15,20 +15,7 @@ CASES_PER_LOADER = 40
 SEED = 0
 DEADLINE = 5.0  # seconds per case; every loader answers a case of this size in well under one
 # Loaders the current code fails, with the first failure the bounded run finds (flip to passing when fixed).
-KNOWN_FAILURES = {
-    'snapshot': 'signal: numpy.dtype("O8") BUILD-cleared flags, then a scalar from raw bytes: SIGSEGV '
-                '(also: BINBYTES8 of 2**40 -> bare MemoryError, shared tower -> timeout, self-list -> RecursionError)',
-    'detector': 'memory: BINBYTES8 declaring 2**40 bytes is allocated (MemoryError inside the Error line)',
-    'vit': 'memory: BINBYTES8 declaring 2**40 bytes is allocated (MemoryError inside the Error line)',
-    'embedding-pkl': 'memory: BINBYTES8 declaring 2**40 bytes is allocated (MemoryError inside the Error line)',
-    'embedding-pt': 'memory: BINBYTES8 declaring 2**40 bytes is allocated (MemoryError inside the Error line)',
-    'embedding-npy': 'memory: an .npy header shape of 10**12 is allocated (MemoryError inside the Error line)',
-    'cifar': 'signal: numpy.dtype("O8") BUILD-cleared flags, then a scalar from raw bytes: SIGSEGV',
-    'mnist': 'signal: numpy.dtype("O8") BUILD-cleared flags, then a scalar from raw bytes: SIGSEGV',
-    'npz': 'memory: a member inflating to 3 GiB is read whole (zip bomb), bare MemoryError',
-    'dataset-zip': 'unnamed-source / memory: a bad CRC of dataset.json is a bare BadZipFile; a zip bomb member',
-    'dataset-folder': 'timeout: a FIFO named *.png blocks the reader',
-}
+KNOWN_FAILURES = {}
 
 
 def _crash_on_x(path):  # defined before the loaders are listed: the worker imports this module for it

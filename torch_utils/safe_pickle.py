@@ -154,6 +154,15 @@ def rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None
     return torch.nn.Parameter(data, requires_grad=bool(requires_grad))
 
 
+def weights_only_reason(err):
+    """One line for a failure of torch.load(weights_only=True): torch's message spans a dozen lines of advice
+    (including to retry without weights_only, which would run the file's code); its own reason is the line
+    after 'WeightsUnpickler error:'."""
+    text = str(err)
+    reason = text.split('WeightsUnpickler error:', 1)[1] if 'WeightsUnpickler error:' in text else text
+    return ' '.join(reason.split()[:60]) or type(err).__name__
+
+
 def storage_from_legacy_bytes(data):
     """`torch.storage._load_from_bytes`: each storage of a snapshot pickle is a nested legacy torch.save stream
     (docs/checkpoint-format.md §2.5); torch's own weights-only loader reads it (and refuses anything else)."""

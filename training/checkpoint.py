@@ -312,7 +312,7 @@ def load_network(source, key='ema', allow_unsafe_pickle=False):
         raise KeyError(f'{source}: snapshot has no {key!r}; it holds {sorted(snapshot)}{hint}')
     net = snapshot[key]
     if not isinstance(net, torch.nn.Module):
-        raise ValueError(f'{source}: {key!r} is {net!r}, not one of the networks {sorted(NETWORK_CLASSES)}')
+        raise ValueError(f'{source}: {key!r} is {_short(net)}, not one of the networks {sorted(NETWORK_CLASSES)}')
     return net
 
 

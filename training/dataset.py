@@ -11,6 +11,7 @@ import os
 import stat
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import PIL.Image
@@ -85,7 +86,7 @@ def read_regular_file(path, name, limit=MAX_IMAGE_BYTES):
         if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
             raise ValueError(f'{name}: {info.st_size:,} bytes or not a regular file; expected an image file of at '
                              f'most {limit:,} bytes')
-        data = f.read(limit + 1)
+        data = f.read(info.st_size + 1)  # (not limit + 1: read(n) reserves n bytes up front)
     if len(data) > limit:
         raise ValueError(f'{name}: grew past {limit:,} bytes while being read')
     return data
@@ -97,7 +98,10 @@ def read_zip_member(archive, name, label, limit=MAX_IMAGE_BYTES):
     info = archive.getinfo(name)
     if info.file_size > limit:
         raise ValueError(f'{label}: inflates to {info.file_size:,} bytes; at most {limit:,} are read per member')
-    return archive.read(info)
+    try:
+        return archive.read(info)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # bad CRC, corrupt deflate stream, cut short
+        raise ValueError(f'{label}: corrupt zip member ({err})') from None
 
 
 def check_label_names(image_names, by_name, source):
