@@ -31,7 +31,7 @@ from dnnlib import atomic_write, cli as cli_policy
 from dnnlib.util import with_umask
 from torch_utils import safe_pickle
 from training.dataset import (MAX_JSON_BYTES, check_label_names, decode_image, is_image_file, labels_to_array,
-                              parse_label_pairs, read_regular_file, read_zip_member)
+                              read_labels_json, read_regular_file, read_zip_member)
 from training.synth import synth_image
 
 # CIFAR-10 batches and MNIST's pickle hold numpy arrays only (plus latin1 bytes in protocol-2 pickles):
@@ -136,15 +136,6 @@ def iterate_mnist(split):
     digits = np.pad(digits, [(0, 0), (MNIST_PAD, MNIST_PAD), (MNIST_PAD, MNIST_PAD)])
     for i, (digit, label) in enumerate(zip(digits, labels)):
         yield np.repeat(digit[:, :, None], 3, axis=2), int(label), f'MNIST {split}[{i}]'
-
-
-def read_labels_json(data, source):
-    """{image name: label} from dataset.json bytes, or None for "labels": null."""
-    try:
-        meta = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise click.ClickException(f'{source}: dataset.json is not valid JSON ({err})') from None
-    return parse_label_pairs(meta, source)
 
 
 def folder_class_labels(source, names):

@@ -100,7 +100,8 @@ def read_zip_member(archive, name, label, limit=MAX_IMAGE_BYTES):
         raise ValueError(f'{label}: inflates to {info.file_size:,} bytes; at most {limit:,} are read per member')
     try:
         return archive.read(info)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # bad CRC, corrupt deflate stream, cut short
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:  # bad CRC or deflate stream,
+        # cut short, a compression method zipfile lacks
         raise ValueError(f'{label}: corrupt zip member ({err})') from None
 
 
@@ -113,6 +114,16 @@ def check_label_names(image_names, by_name, source):
     if strays:
         raise ValueError(f'{source}: dataset.json has a label for {strays[0]}, which is not an image of the dataset '
                          f'({len(strays)} such label(s))')
+
+
+def read_labels_json(data, source):
+    """dataset.json bytes → {image name: raw label}, or None for `"labels": null`."""
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; '[' * 10**5 nests too deep
+        reason = 'nested too deeply' if isinstance(err, RecursionError) else err
+        raise ValueError(f'{source}: dataset.json is not valid JSON ({reason})') from None
+    return parse_label_pairs(meta, source)
 
 
 def parse_label_pairs(meta, source):
@@ -254,11 +265,7 @@ class ImageFolderDataset:
     def _load_labels(self):
         if 'dataset.json' not in self._all_names:
             raise ValueError(f'{self.path}: labels requested (use_labels / --cond) but there is no dataset.json')
-        try:
-            meta = json.loads(self._read_bytes('dataset.json', MAX_JSON_BYTES))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f'{self.path}: dataset.json is not valid JSON ({err})') from None
-        by_name = parse_label_pairs(meta, self.path)
+        by_name = read_labels_json(self._read_bytes('dataset.json', MAX_JSON_BYTES), self.path)
         if by_name is None:
             raise ValueError(f'{self.path}: labels requested but dataset.json has "labels": null')
         check_label_names(self._image_names, by_name, self.path)
