@@ -174,16 +174,22 @@ def run_validation(tmp_path, env, *args):
     return result.returncode, result.stdout, result.stderr
 
 
-def test_validation_best_of_seed_sets_and_best_checkpoint(tmp_path):
+def run_best_checkpoint(tmp_path, names, fids):
+    """validation_fid.sh PROTOCOL=best-checkpoint over a run folder of empty snapshots `names` (scores faked)."""
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
-    for kimg in ('000100', '000200', '000300', 'best'):
-        (run_dir / f'network-snapshot-{kimg}.pkl').write_bytes(b'')
+    for name in names:
+        (run_dir / name).write_bytes(b'')
     ref = tmp_path / 'ref.npz'
     ref.write_bytes(b'')
+    return run_dir, ref, run_validation(tmp_path, dict(PROTOCOL='best-checkpoint', NUM='10', FAKE_FIDS=fids),
+                                        run_dir, ref)
+
+
+def test_validation_best_of_seed_sets_and_best_checkpoint(tmp_path):
     fids = 'run-network-snapshot-000100=5.5 run-network-snapshot-000200=2.25 run-network-snapshot-000300=3.0'
-    code, out, err = run_validation(tmp_path, dict(PROTOCOL='best-checkpoint', NUM='10', FAKE_FIDS=fids),
-                                    run_dir, ref)
+    run_dir, ref, (code, out, err) = run_best_checkpoint(
+        tmp_path, [f'network-snapshot-{kimg}.pkl' for kimg in ('000100', '000200', '000300', 'best')], fids)
     assert code == 0, err
     assert f'best checkpoint by fid: {run_dir}/network-snapshot-000200.pkl {ref} seeds=0-9 fid 2.25' in out
     assert 'snapshot-best' not in (tmp_path / 'log').read_text()
@@ -264,14 +270,8 @@ def test_ref_never_overwrites_its_input_or_another_image_set(tmp_path):
 
 
 def test_best_checkpoint_reads_scores_not_file_names(tmp_path):
-    run_dir = tmp_path / 'run'
-    run_dir.mkdir()
-    for name in ('network-snapshot-000100.pkl', 'network-snapshot-000200 fid 0.5 .pkl'):
-        (run_dir / name).write_bytes(b'')
-    ref = tmp_path / 'ref.npz'
-    ref.write_bytes(b'')
     fids = 'run-network-snapshot-000100=2.0 run-network-snapshot-000200_fid_0.5_=3.0'
-    code, out, err = run_validation(tmp_path, dict(PROTOCOL='best-checkpoint', NUM='10', FAKE_FIDS=fids),
-                                    run_dir, ref)
+    run_dir, ref, (code, out, err) = run_best_checkpoint(
+        tmp_path, ['network-snapshot-000100.pkl', 'network-snapshot-000200 fid 0.5 .pkl'], fids)
     assert code == 0, err
     assert f'best checkpoint by fid: {run_dir}/network-snapshot-000100.pkl {ref} seeds=0-9 fid 2.0\n' in out, out
