@@ -15,6 +15,7 @@ line and exit status 1; `--debug` (or D2O_DEBUG=1) shows the traceback. Under to
 when passing `--num`."""
 import json
 import os
+import zipfile
 
 import click
 import numpy as np

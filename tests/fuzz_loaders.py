@@ -942,6 +942,11 @@ def _death(process, timed_out, deadline):
         ('exit', f'worker exited with {code}', 0.0)
 
 
+def _tail(path, lines=5):
+    with open(path, errors='replace') as f:
+        return ' | '.join(f.read().splitlines()[-lines:])
+
+
 def run_batch(cases, folder, deadline=CASE_SECONDS):
     """[(kind, detail) or None] per case; the list stops after a case that killed its worker."""
     batch = _write_batch(cases, folder)
@@ -960,6 +965,9 @@ def run_batch(cases, folder, deadline=CASE_SECONDS):
             chunk = os.read(process.stdout.fileno(), 65536)
             if not chunk:
                 process.wait()
+                if current is None and process.returncode != 0 and len(results) < len(cases):
+                    raise RuntimeError(f'fuzz worker exited with status {process.returncode} between cases; its '
+                                       f'log: {_tail(os.path.join(folder, "worker.log"))}')
                 return results + ([_death(process, False, None)] if current is not None else [])
             buffer += chunk
             *lines, buffer = buffer.split(b'\n')

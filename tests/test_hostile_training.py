@@ -181,7 +181,7 @@ def test_fresh_run_refuses_a_folder_that_holds_another_run(tmp_path, synth_zip, 
     before = tree(run)
     code, _, err = cli([f'--outdir={run}', f'--data={synth_zip}', '--duration=0.000004'] + TINY, capsys)
     assert_one_line_error(code, err)
-    assert err.strip() == (f'train.py: error: {run}: already holds another run (network-snapshot-000000.004.pkl, '
+    assert err.strip() == (f'Error: {run}: already holds another run (network-snapshot-000000.004.pkl, '
                            f'network-snapshot-000000.008.pkl, stats.jsonl and 2 more); continue it with '
                            f'--resume={run}, or choose another --outdir')
     assert tree(run) == before  # no snapshot, options, stats line or log line of the refused run
@@ -213,7 +213,7 @@ def test_resume_from_a_state_with_negative_cur_nimg_is_refused(tmp_path, synth_z
     code, _, err = cli([f'--outdir={run}', f'--data={synth_zip}', '--duration=0.000012', f'--resume={run}'] + TINY,
                        capsys)
     assert_one_line_error(code, err)
-    assert err.strip() == (f"train.py: error: --resume={path}: field 'cur_nimg' is -1000000000000000000, expected an "
+    assert err.strip() == (f"Error: --resume={path}: field 'cur_nimg' is -1000000000000000000, expected an "
                            f"integer from 0 to 1000000000000; resume from an earlier training-state-*.pt of the same "
                            f"run")
     assert tree(run) == before
@@ -245,7 +245,7 @@ def test_a_save_over_the_file_size_limit_is_one_line_and_keeps_the_previous_stat
                             text=True, preexec_fn=limit_file_size, env=dict(os.environ, OMP_NUM_THREADS='1'))
     state = run / 'training-state-000000.012.pt'
     assert result.returncode == 1, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1] == (f'train.py: error: {state}: could not be written (File too '
+    assert result.stderr.strip().splitlines()[-1] == (f'Error: {state}: could not be written (File too '
                                                       f'large); the files saved before it are intact')
     assert 'Traceback' not in result.stderr
     after = tree(run)
