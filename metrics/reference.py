@@ -21,7 +21,7 @@ import numpy as np
 from dnnlib import util
 from metrics.inception import NUM_FEATURES
 from metrics.scores import check_statistics
-from torch_utils import npy_header
+from torch_utils import npy_header, zip_members
 
 STATS_KEYS = {'inception': ('mu', 'sigma'), 'clip': ('clip_mu', 'clip_sigma'), 'dinov2': ('dinov2_mu', 'dinov2_sigma')}
 FEATURES_KEYS = {'inception': 'inception_features'}
@@ -128,7 +128,10 @@ def oversized_array(f):
     """The first `.npy` member whose declared shape needs more bytes than the archive can hold for it, as
     a message (None: all fit). Headers only: np.load allocates what a header declares (1 KB can declare 8 TB)."""
     with zipfile.ZipFile(f) as archive:
+        size = zip_members.archive_bytes(archive)
         for info in archive.infolist():
+            if info.compress_size > size:  # zipfile would reserve the declared bytes before reading
+                return f'{info.filename} declares {info.compress_size:,} compressed bytes in an archive of {size:,}'
             available = info.file_size if info.compress_type == zipfile.ZIP_STORED else \
                 min(info.file_size, DEFLATE_MAX_RATIO * info.compress_size + 1024)
             with archive.open(info) as member:

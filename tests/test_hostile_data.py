@@ -331,6 +331,20 @@ def test_zip_member_inflating_past_the_cap_is_refused_before_inflating(tmp_path)
     error_line(run('convert', f'--source={bomb}', f'--dest={tmp_path / "o.zip"}'), 'inflates to 83,886,080 bytes')
 
 
+def test_zip_member_declaring_more_compressed_bytes_than_the_archive_is_refused_before_reading(tmp_path):
+    """A 1 KB zip whose stored member declares 4 GiB of compressed bytes: zipfile's read reserves the declared
+    size first (found by the fuzzing harness, docs/fuzzing.md)."""
+    forged = tmp_path / 'forged.zip'
+    zip_dataset(forged, [png_bytes(img) for img in good_images()])
+    data = bytearray(forged.read_bytes())
+    central = data.find(b'PK\x01\x02')  # first central-directory entry: compressed size at offset 20
+    data[central + 20:central + 24] = (0xFFFFFFFE).to_bytes(4, 'little')
+    forged.write_bytes(bytes(data))
+    code, err = bounded(open_dataset_code(forged), limit_mib=192)
+    assert code == 1 and err.strip() == (f'Error: {forged}: 00000/img00000000.png: declares 4,294,967,294 '
+                                         f'compressed bytes in an archive of {len(data):,} bytes'), err
+
+
 def test_dataset_json_with_a_duplicate_or_a_stray_label_is_refused(tmp_path):
     images = good_images(2)
     for labels, message in (([['a.png', 0], ['a.png', 1], ['b.png', 0]],

@@ -37,6 +37,8 @@ import zipfile
 import numpy as np
 import torch
 
+from torch_utils import zip_members
+
 ZIP_MAGIC = b'PK\x03\x04'
 TRUNCATED = 'the file ends early (truncated or empty)'
 STORAGE_DTYPES = {'FloatStorage': torch.float32, 'DoubleStorage': torch.float64, 'HalfStorage': torch.float16,
@@ -506,10 +508,7 @@ class _ZipMembers:
 
     def __init__(self, archive, source):
         self.archive, self.source = archive, source
-        fp = archive.fp
-        position = fp.tell()
-        self.archive_bytes = fp.seek(0, io.SEEK_END)
-        fp.seek(position)
+        self.archive_bytes = zip_members.archive_bytes(archive)
         self.left = self.limit = ZIP_INFLATION * self.archive_bytes + ZIP_SLACK
 
     def info(self, name, what):
@@ -519,6 +518,10 @@ class _ZipMembers:
             raise pickle.UnpicklingError(f'{self.source}: {what} is missing from the archive') from None
 
     def read(self, info):
+        if info.compress_size > self.archive_bytes:  # (zip_members.py: zipfile would reserve that many bytes)
+            raise pickle.UnpicklingError(f'{self.source}: member {_short.repr(info.filename)} declares '
+                                         f'{info.compress_size:,} compressed bytes in an archive of '
+                                         f'{self.archive_bytes:,} bytes')
         if info.file_size > self.left:
             raise pickle.UnpicklingError(f'{self.source}: member {_short.repr(info.filename)} declares '
                                          f'{info.file_size:,} bytes; the archive of {self.archive_bytes:,} bytes may '

@@ -16,6 +16,8 @@ import zlib
 import numpy as np
 import PIL.Image
 
+from torch_utils import zip_members
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 MAX_IMAGE_BYTES = 64 << 20  # one image file (a 4096x4096 RGB BMP is 48 MB): a /dev/zero link or zip bomb is refused
 MAX_JSON_BYTES = 1 << 30  # dataset.json: the labels of tens of millions of images
@@ -96,8 +98,7 @@ def read_zip_member(archive, name, label, limit=MAX_IMAGE_BYTES):
     """A member of an open zip, its declared size checked first: a 3 MB member that inflates to GiBs is
     refused without inflating it (zipfile stops at the declared size)."""
     info = archive.getinfo(name)
-    if info.file_size > limit:
-        raise ValueError(f'{label}: inflates to {info.file_size:,} bytes; at most {limit:,} are read per member')
+    zip_members.check_member(archive, info, limit, label)
     try:
         return archive.read(info)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:  # bad CRC or deflate stream,
