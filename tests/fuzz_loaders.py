@@ -110,10 +110,10 @@ def snapshot_seeds():
 
 def state_seeds():
     import torch
-    from training import checkpoint, run_dir
+    from training import checkpoint, state as training_state
     net = _tiny_network()
-    state = {key: 0 for key in run_dir.STATE_KEYS}
-    state.update(version=run_dir.STATE_VERSION, config=dict(batch=4, lr=1e-3), G=net.state_dict(),
+    state = {key: 0 for key in training_state.STATE_KEYS}
+    state.update(version=training_state.STATE_VERSION, config=dict(batch=4, lr=1e-3), G=net.state_dict(),
                  G_record=checkpoint.network_constructor_record(net), rng=dict(torch=torch.get_rng_state()))
     return [_torch_bytes(state)]
 
@@ -244,14 +244,14 @@ def _register_all():
     from metrics import detector, reference, vit_weights
     from pg_modules import class_embedding
     from torch_utils import safe_pickle
-    from training import checkpoint, run_dir
+    from training import checkpoint, state as training_state
     unpickle = (pickle.UnpicklingError, ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile)
     from dnnlib import cli
     # what dataset_tool's policy prints as one line, less running out of memory or recursion depth: a fuzz failure
     tool = (click.ClickException, *(e for e in cli.EXPECTED_ERRORS if e not in (MemoryError, RecursionError)))
     register(Loader('snapshot', '.pkl', checkpoint.load_network, unpickle, snapshot_seeds,
                     checkpoint.SNAPSHOT_GLOBALS, zip_pickle=True))
-    register(Loader('state', '.pt', run_dir.load_training_state, (ValueError, OSError), state_seeds,
+    register(Loader('state', '.pt', training_state.load_training_state, (ValueError, OSError), state_seeds,
                     safe_pickle.TENSOR_GLOBALS, zip_pickle=True))
     register(Loader('detector', '.pkl', detector.read_detector_state_dict, (ValueError,), weights_seeds,
                     detector.DETECTOR_GLOBALS, zip_pickle=True))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import run_dir as rd
+from training import run_dir as rd, state as ts
 from training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def refused_load(path):
     """load_training_state's error line; the file must be left exactly as it was."""
     before = Path(path).read_bytes()
     with pytest.raises(ValueError) as err:
-        rd.load_training_state(str(path))
+        ts.load_training_state(str(path))
     assert Path(path).read_bytes() == before
     message = str(err.value)
     assert '\n' not in message and message.startswith(f'--resume={path}: ')
@@ -173,7 +173,7 @@ def test_dataset_zip_and_text_are_refused(tmp_path):
 
 def test_incomplete_state_is_refused(tmp_path):
     path = tmp_path / 'training-state-000001.pt'
-    torch.save(dict(version=rd.STATE_VERSION, config={}, G={'w': torch.zeros(1)}), path)
+    torch.save(dict(version=ts.STATE_VERSION, config={}, G={'w': torch.zeros(1)}), path)
     assert refused_load(path) == (f'--resume={path}: incomplete training state (missing G_record, G_ema, opt_G, D, '
                                   f'opt_D, cur_nimg, cur_tick, batch_idx, nonfinite_streak, rng); resume from an '
                                   f'earlier training-state-*.pt of the same run')
@@ -248,7 +248,7 @@ def test_state_fields_of_the_wrong_type_or_range_are_refused_naming_the_field(tm
 
 def test_a_valid_state_passes_the_field_checks(tmp_path):
     path = forged_state(tmp_path, cur_nimg=10 ** 12, nonfinite_streak={'G': 2, 'D': 0})
-    assert rd.load_training_state(str(path))['cur_nimg'] == 10 ** 12
+    assert ts.load_training_state(str(path))['cur_nimg'] == 10 ** 12
 
 
 # --- 12.6: resume checks what it resumes ----------------------------------------------------------
@@ -256,13 +256,13 @@ def test_a_valid_state_passes_the_field_checks(tmp_path):
 def test_changed_what_option_is_refused_with_saved_and_new_values(tmp_path):
     path = save_state(tmp_path / 'training-state-000001.pt', batch=64, loss='d2o')
     before = tree(tmp_path)
-    saved = rd.saved_run_config(rd.load_training_state(path))
+    saved = ts.saved_run_config(ts.load_training_state(path))
     new = dict(dataclasses.asdict(TrainConfig(batch=32, lr=2e-4)), resolution=32, channels=3, label_dim=10)
     with pytest.raises(ValueError) as err:
-        rd.check_resume(saved, new, path=path)
+        ts.check_resume(saved, new, path=path)
     assert str(err.value) == (f'--resume={path}: cannot change what is trained: --batch saved 64, now 32; use the '
                               f'saved values or start a new run without --resume')
-    assert rd.check_resume(saved, dict(new, batch=64)) == [('--lr', 1e-4, 2e-4)]  # HOW: takes effect, logged
+    assert ts.check_resume(saved, dict(new, batch=64)) == [('--lr', 1e-4, 2e-4)]  # HOW: takes effect, logged
     assert tree(tmp_path) == before
 
 
@@ -271,7 +271,7 @@ def test_auto_resume_ignores_and_the_lock_removes_our_stale_temporaries(tmp_path
     good = save_state(run / 'training-state-000001.pt', mtime=1000)
     for name in ('.training-state-000002.pt.x8k1_q7z.tmp', 'training-state-000003.pt.tmp'):  # newer, half-written
         (run / name).write_bytes(b'PK\x03\x04 cut')
-    assert rd.find_resume_state('auto', str(tmp_path), dataclasses.asdict(TrainConfig())) == good
+    assert ts.find_resume_state('auto', str(tmp_path), dataclasses.asdict(TrainConfig())) == good
     notes = []
     with rd.RunDirLock(str(run), log=notes.append):  # atomic_write's name is ours; the other is not
         assert sorted(os.listdir(run)) == [rd.LOCK_NAME, 'training-state-000001.pt', 'training-state-000003.pt.tmp']
@@ -296,7 +296,7 @@ def test_auto_resume_skips_an_unreadable_state_with_a_warning(tmp_path):
     bad = tmp_path / 'training-state-000002.pt'
     bad.write_bytes(b'PK\x03\x04 cut short')
     notes = []
-    assert rd.find_resume_state('auto', str(tmp_path), log=notes.append) == good
+    assert ts.find_resume_state('auto', str(tmp_path), log=notes.append) == good
     assert notes == [f'--resume=auto: skipping {bad}: WARNING: unreadable (--resume={bad}: corrupt or truncated '
                      f'training state (unreadable zip directory); resume from an earlier training-state-*.pt of '
                      f'the same run)']

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from training import run_dir as rd
+from training import run_dir as rd, state as ts
 from training.config import TrainConfig
 
 
@@ -18,7 +18,7 @@ def save_state(path, mtime=None, **config):
     """A minimal but complete training state (the loop's key set) with the given config values."""
     from training.state import rng_state
     cfg = dict(dataclasses.asdict(TrainConfig()), **config)
-    state = dict(version=rd.STATE_VERSION, config=cfg, cur_nimg=0, cur_tick=0, batch_idx=0, nonfinite_streak={},
+    state = dict(version=ts.STATE_VERSION, config=cfg, cur_nimg=0, cur_tick=0, batch_idx=0, nonfinite_streak={},
                  rng=[rng_state()], G_record=dict(class_name='D2OPrecond', init_args=[],
                                                   init_kwargs=dict(img_resolution=32, img_channels=3, label_dim=10)),
                  G={'w': torch.arange(4.0)}, G_ema={}, opt_G={}, D=None, opt_D=None)
@@ -171,19 +171,19 @@ def test_logger_tees_into_log_txt_and_restores_streams(tmp_path, capsys):
 
 def test_option_lists_partition_the_config_fields():
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    listed = [k for k in rd.WHAT_OPTIONS + rd.HOW_OPTIONS + rd.IGNORED_OPTIONS if k not in rd.DATASET_KEYS]
+    listed = [k for k in ts.WHAT_OPTIONS + ts.HOW_OPTIONS + ts.IGNORED_OPTIONS if k not in ts.DATASET_KEYS]
     assert len(listed) == len(set(listed)), 'an option is in two lists'
-    assert sorted(listed) == sorted(fields), 'classify every TrainConfig field in run_dir.py'
+    assert sorted(listed) == sorted(fields), 'classify every TrainConfig field in training/state.py'
 
 
 def test_find_resume_state_file_dir_and_none(tmp_path):
     run = tmp_path / '00000-x'
     paths = [save_state(run / f'training-state-{tag}.pt') for tag in ('000000.400', '000002', '000001')]
     (run / 'training-state-000009.pt.tmp').write_text('partial')
-    assert rd.find_resume_state(str(run), str(tmp_path)) == paths[1]  # the largest kimg, not the name order
-    assert rd.find_resume_state(paths[0], str(tmp_path)) == paths[0]
-    assert rd.find_resume_state(None, str(tmp_path)) is None and rd.find_resume_state('', str(tmp_path)) is None
-    assert rd.find_resume_state('auto', str(tmp_path / 'empty')) is None
+    assert ts.find_resume_state(str(run), str(tmp_path)) == paths[1]  # the largest kimg, not the name order
+    assert ts.find_resume_state(paths[0], str(tmp_path)) == paths[0]
+    assert ts.find_resume_state(None, str(tmp_path)) is None and ts.find_resume_state('', str(tmp_path)) is None
+    assert ts.find_resume_state('auto', str(tmp_path / 'empty')) is None
 
 
 def test_find_resume_state_auto_takes_the_newest_state_of_this_configuration(tmp_path):
@@ -192,30 +192,30 @@ def test_find_resume_state_auto_takes_the_newest_state_of_this_configuration(tmp
     save_state(tmp_path / '00000-a' / 'training-state-000001.pt', mtime=1000, batch=64)
     notes = []
     config = dict(dataclasses.asdict(TrainConfig(batch=64, lr=5e-4)), resolution=32)
-    assert rd.find_resume_state('auto', str(tmp_path), config, log=notes.append) == mine
+    assert ts.find_resume_state('auto', str(tmp_path), config, log=notes.append) == mine
     assert notes == [f'--resume=auto: skipping {newest_other}: another configuration (--batch saved 32, now 64)']
-    assert rd.find_resume_state('auto', str(tmp_path), log=notes.append) == newest_other  # no config: newest
-    assert rd.find_resume_state('auto', str(tmp_path), dict(config, resolution=64), log=notes.append) is None
+    assert ts.find_resume_state('auto', str(tmp_path), log=notes.append) == newest_other  # no config: newest
+    assert ts.find_resume_state('auto', str(tmp_path), dict(config, resolution=64), log=notes.append) is None
 
 
 def test_load_training_state_round_trip(tmp_path):
     path = save_state(tmp_path / 'training-state-000001.pt', lr=3e-4)
     for mmap in (False, True):
-        state = rd.load_training_state(path, mmap=mmap)
+        state = ts.load_training_state(path, mmap=mmap)
         assert state['config']['lr'] == 3e-4 and torch.equal(state['G']['w'], torch.arange(4.0))
-    config = rd.saved_run_config(state)
+    config = ts.saved_run_config(state)
     assert (config['resolution'], config['channels'], config['label_dim'], config['lr']) == (32, 3, 10, 3e-4)
 
 
 def test_check_resume_returns_changed_how_options_and_refuses_what():
     saved = dict(dataclasses.asdict(TrainConfig(cres=[1, 2], freeze=0)), resolution=32)
     same = dict(dataclasses.asdict(TrainConfig(cres=(1, 2), freeze=0, outdir='elsewhere', device='cpu')), resolution=32)
-    assert rd.check_resume(saved, same) == []  # list/tuple alike; IGNORED options do not count
+    assert ts.check_resume(saved, same) == []  # list/tuple alike; IGNORED options do not count
     new = dict(same, lr=2e-4, tick=1.0, future_option=1)
     saved['future_option'] = 0
-    assert rd.check_resume(saved, new) == [('--lr', 1e-4, 2e-4), ('--tick', 25.0, 1.0), ('--future-option', 0, 1)]
+    assert ts.check_resume(saved, new) == [('--lr', 1e-4, 2e-4), ('--tick', 25.0, 1.0), ('--future-option', 0, 1)]
     with pytest.raises(ValueError) as err:
-        rd.check_resume(saved, dict(new, freeze=1, resolution=64), path='run/training-state-000001.pt')
+        ts.check_resume(saved, dict(new, freeze=1, resolution=64), path='run/training-state-000001.pt')
     assert str(err.value) == ("--resume=run/training-state-000001.pt: cannot change what is trained: --freeze saved 0, "
                               "now 1; --data resolution saved 32, now 64; use the saved values or start a new run "
                               "without --resume")

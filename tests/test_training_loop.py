@@ -209,14 +209,14 @@ def test_training_state_round_trip_restores_every_part(tmp_path):
         D = torch.nn.Linear(3, 2)
         opt_g = steps.make_adam(list(G.parameters()), steps.g_adam_settings(1e-3))
         opt_d = steps.make_adam(list(D.parameters()), steps.d_adam_settings(1e-3, 1.0))
-        return TrainingState(G=G, G_ema=copy.deepcopy(G), opt_G=opt_g, D=D, opt_D=opt_d)
+        return TrainingState(G=G, G_ema=copy.deepcopy(G), opt_G=opt_g, guard=steps.NonFiniteGuard(3), D=D, opt_D=opt_d)
     torch.manual_seed(0)
     a = make()
     for opt, net in ((a.opt_G, a.G), (a.opt_D, a.D)):
         sum(p.sum() for p in net.parameters()).backward()
         opt.step()
     a.cur_nimg, a.cur_tick, a.batch_idx = 48, 3, 12
-    a.nonfinite_streak['D'] = 2
+    a.guard.streak['D'] = 2
     a.save(tmp_path / 'state.pt', dict(lr=1e-3))
     expected_rng = torch.get_rng_state()
     saved = torch.load(tmp_path / 'state.pt', weights_only=True)
@@ -225,7 +225,7 @@ def test_training_state_round_trip_restores_every_part(tmp_path):
     b.load(saved)
     b.load_rng(saved, rank=0)
     assert torch.equal(torch.get_rng_state(), expected_rng)
-    assert (b.cur_nimg, b.cur_tick, b.batch_idx, b.nonfinite_streak) == (48, 3, 12, {'D': 2})
+    assert (b.cur_nimg, b.cur_tick, b.batch_idx, b.guard.streak) == (48, 3, 12, {'D': 2})
     assert saved['config'] == dict(lr=1e-3) and saved['G_record']['class_name'] == 'D2OPrecond'
     _assert_states_equal(saved, b.to_dict(saved['config'], saved['rng']))
 

@@ -1,7 +1,7 @@
-"""Everything the training loop reads from or writes to its run directory, other than the networks'
-own file formats (training/checkpoint.py): the directory's name and lock, log.txt, the JSONL records,
-the best snapshot, finding and checking the training state a run resumes from, and the signal
-conventions that let a stopped run save that state. Importing this module does not import torch.
+"""The run directory, other than the formats of the files in it (networks: training/checkpoint.py;
+the training state: training/state.py): the directory's name and lock, log.txt, the JSONL records, the
+best snapshot, and the signal conventions that let a stopped run save its state. Importing this module
+does not import torch.
 
 API (rank 0 only unless noted):
 
@@ -21,26 +21,15 @@ Records
   read_jsonl(path) -> [record]       skips a line cut short by a crash.
   truncate_jsonl_after(path, kimg)   drops records past the resume point, atomically.
   record_metric(run_dir, name, record) -> bool   metric-<name>.jsonl + network-snapshot-best.pkl.
-Resume
-  find_resume_state(resume, outdir, config=None, log=print) -> path | None   --resume=FILE|DIR|auto.
-  load_training_state(path) -> dict  one ValueError line for corrupt, truncated, wrong-kind, incomplete
-      or wrong-version files and for fields of the wrong type or range (training.state.check_fields),
-      naming the file (and field) and what to use instead.
-  saved_run_config(state) -> dict    the state's config plus its data shape (DATASET_KEYS).
-  check_resume(saved_cfg, new_cfg, path=None) -> [(option, saved, new)]   refuses changed WHAT_OPTIONS,
-      returns the changed HOW_OPTIONS (they take effect; the loop logs them); IGNORED_OPTIONS are neither.
 Signals
   worker_init_fn(worker_id)          DataLoader workers ignore SIGINT, and SIGTERM unless their parent
       sends it (it stops them at exit), so that the main process can save.
   StopSignals()                      `with StopSignals() as stop:` records SIGINT/SIGTERM in stop.signum.
   exit_status_for_signal(signum)     128 + signum, what the process exits with after a signal.
 
-In the loop, roughly: path = find_resume_state(cfg.resume, cfg.outdir, config_with_data_shape, log);
-state = load_training_state(path); changes = check_resume(saved_run_config(state), config_with_data_shape,
-path); run_dir = dirname(path) or make_run_dir(...); `with RunDirLock(run_dir, log), StopSignals() as stop:`
-... DataLoader(..., worker_init_fn=worker_init_fn) ...; after a stop: save, then
-sys.exit(exit_status_for_signal(stop.signum)). `config_with_data_shape` is the resolved config dict plus
-DATASET_KEYS from the dataset (resolution, channels, label_dim).
+In the loop, roughly: run_dir = dirname(the resumed state) or make_run_dir(...);
+`with RunDirLock(run_dir, log), StopSignals() as stop:` ... DataLoader(..., worker_init_fn=worker_init_fn)
+...; after a stop: save, then sys.exit(exit_status_for_signal(stop.signum)).
 """
 import contextlib
 import fcntl
@@ -54,13 +43,12 @@ import socket
 import sys
 import threading
 import time
-import zipfile
 
 import dnnlib
 
 # ----------------------------------------------------------------------------------------------
 # Run-directory name (EDM's `00003-<desc>`). --desc is a user string joined into a path: it must stay
-# one plain path component (issue 12.2: `--desc=/../../x` escaped --outdir).
+# one plain path component (`--desc=/../../x` must not escape --outdir; docs/checkpoint-format.md §8).
 
 NAME_CHARS = r'A-Za-z0-9._+=,@-'
 DESC_PATTERN = re.compile(rf'[A-Za-z0-9][{NAME_CHARS}]{{0,99}}')
@@ -100,8 +88,8 @@ def make_run_dir(cfg, dataset_name, world, batch):
 
 
 # ----------------------------------------------------------------------------------------------
-# One run per directory (issue 12.5: two runs sharing a folder overwrite each other's snapshots and
-# interleave stats.jsonl). The lock is an fcntl.flock on run.lock: the kernel drops it when the holder
+# One run per directory: two runs sharing a folder would overwrite each other's snapshots and
+# interleave stats.jsonl. The lock is an fcntl.flock on run.lock: the kernel drops it when the holder
 # dies, even by SIGKILL, so a lock file whose flock is free is stale by construction. The file holds
 # the holder's pid, host and start time, for the error message and the stale-lock warning.
 
@@ -110,7 +98,8 @@ LOCK_NAME = 'run.lock'
 # are ever deleted. dnnlib.atomic_write names them `.<name>.<8 random characters of tempfile's
 # [a-z0-9_]>.tmp`, and <name> is one of the files the loop writes.
 _TAG = r'\d+(?:\.\d+)?'  # RunOutputs.tag(): 000005 or 000000.012
-OWN_FILES = (rf'training-state-{_TAG}\.pt', rf'network-snapshot-(?:{_TAG}|best)\.pkl', rf'fakes-{_TAG}\.png',
+STATE_NAME = re.compile(rf'training-state-({_TAG})\.pt')  # the file's format: training/state.py
+OWN_FILES = (STATE_NAME.pattern, rf'network-snapshot-(?:{_TAG}|best)\.pkl', rf'fakes-{_TAG}\.png',
              r'stats\.jsonl', r'training_options\.json')
 OWN_TEMPORARY = re.compile(rf'\.(?:{"|".join(OWN_FILES)})\.[a-z0-9_]{{8}}\.tmp')
 
@@ -246,7 +235,8 @@ def refuse_other_run(run_dir):
     if not found:
         return
     names = ', '.join(found[:3]) + (f' and {len(found) - 3} more' if len(found) > 3 else '')
-    hint = f'continue it with --resume={run_dir}' if _states_in(run_dir) else 'it has no training state to resume'
+    resumable = any(STATE_NAME.fullmatch(name) for name in found)
+    hint = f'continue it with --resume={run_dir}' if resumable else 'it has no training state to resume'
     raise RunDirTaken(f'{run_dir}: already holds another run ({names}); {hint}, or choose another --outdir')
 
 
@@ -351,202 +341,7 @@ def record_metric(run_dir, name, record, key='fid'):
 
 
 # ----------------------------------------------------------------------------------------------
-# Resume (issue 12.6, 12.7). Options fall in three lists (every TrainConfig field is in exactly one):
-# WHAT is trained cannot change on resume; HOW it is trained may, takes effect and is logged; the
-# rest says where files are, and is ignored.
-
-DATASET_KEYS = ('resolution', 'channels', 'label_dim')  # from the dataset / the saved generator, not options
-WHAT_OPTIONS = (
-    'cond', 'loss', 'loss_type', 'arch', 'precond', 'cbase', 'cres', 'dropout', 'augment_dim',  # the model
-    'multi_step_g', 'middle_sigma', 'freeze', 'train_groups',  # what G computes and which weights train
-    'cd_weight', 'cd_only', 'cd_distance', 'cd_scales',  # the objective (training/consistency.py)
-    'backbone', 'd_pretrained', 'd_embedding', 'interp224',  # D's structure (its weights are in the state)
-    'batch', 'xflip', 'seed',  # the data stream: order and EMA/adv-scale defaults derive from them
-) + DATASET_KEYS
-HOW_OPTIONS = (
-    'data',  # the file may move; its shape is checked through DATASET_KEYS
-    'lr', 'dlr', 'lr_rampup', 'r1_gamma', 'adv_scale', 'diffaug', 'ema', 'ema_warmup', 'precision', 'batch_gpu',
-    'max_nonfinite', 'duration', 'cache', 'workers', 'tick', 'snap', 'dump', 'metrics', 'metric_ref',
-    'metrics_at_start', 'grid_seeds', 'd_bn_group',
-)
-IGNORED_OPTIONS = (
-    'outdir', 'resume', 'desc', 'nosubdir', 'device', 'preset',  # where, not what or how
-    'transfer', 'allow_unsafe_pickle', 'd_weights',  # initial weights: the state's weights replace them
-    'lpips_vgg', 'lpips_lin',  # fixed pretrained weights, located again on every start
-)
-
-STATE_VERSION = 1
-STATE_KEYS = ('version', 'config', 'G_record', 'G', 'G_ema', 'opt_G', 'D', 'opt_D', 'cur_nimg', 'cur_tick',
-              'batch_idx', 'nonfinite_streak', 'rng')
-STATE_PATTERN = re.compile(r'training-state-(\d+(?:\.\d+)?)\.pt')
-
-
-def _state_kimg(path):
-    return float(STATE_PATTERN.fullmatch(os.path.basename(path)).group(1))
-
-
-def _states_in(folder):
-    """training-state-*.pt in `folder`, by kimg (temporaries and other names do not match)."""
-    paths = [p for p in glob.glob(os.path.join(glob.escape(folder), 'training-state-*.pt'))
-             if STATE_PATTERN.fullmatch(os.path.basename(p))]
-    return sorted(paths, key=_state_kimg)
-
-
-def find_resume_state(resume, outdir, config=None, log=print):
-    """--resume=FILE (a training state), DIR (its newest state) or auto: the most recently written
-    state under --outdir (directly or one run folder down) whose WHAT options match `config` (a dict;
-    None matches all). States of other configurations are skipped with a note, unreadable ones with a
-    warning; `*.tmp` never match. Returns None for `resume` None/'' or when auto finds nothing."""
-    if resume in (None, ''):
-        return None
-    if resume == 'auto':
-        candidates = _states_in(outdir) + [p for d in sorted(glob.glob(os.path.join(glob.escape(outdir), '*', '')))
-                                           for p in _states_in(d)]
-        for path in sorted(candidates, key=lambda p: (os.path.getmtime(p), _state_kimg(p)), reverse=True):
-            reason = _auto_mismatch(path, config)
-            if reason is None:
-                return path
-            log(f'--resume=auto: skipping {path}: {reason}')
-        return None
-    if os.path.isdir(resume):
-        states = _states_in(resume)
-        if not states:
-            raise FileNotFoundError(f'--resume={resume}: no training-state-*.pt in this folder')
-        return states[-1]
-    if not os.path.isfile(resume):
-        raise FileNotFoundError(f'--resume={resume}: no such file (expected training-state-*.pt, a run dir, or auto)')
-    return resume
-
-
-def _auto_mismatch(path, config):
-    """Why --resume=auto must not continue `path` (None: it may)."""
-    try:
-        saved = saved_run_config(load_training_state(path, mmap=True))
-    except ValueError as err:
-        return f'WARNING: unreadable ({err})'
-    refused = what_differences(saved, config) if config is not None else []
-    return f'another configuration ({_describe(refused)})' if refused else None
-
-
-def _refuse(path, problem, instead):
-    return ValueError(f'--resume={path}: {problem}; {instead}')
-
-
-USE_EARLIER = 'resume from an earlier training-state-*.pt of the same run'
-USE_OURS = 'pass a training-state-*.pt written by train.py'
-
-
-def _check_state_file(path):
-    """Tell wrong-kind and truncated files apart before torch reads them (torch's own errors name
-    neither the file nor a remedy)."""
-    try:
-        with open(path, 'rb') as f:
-            head = f.read(4)
-    except OSError as err:
-        raise _refuse(path, f'cannot be read ({err.strerror})', 'check the path and permissions') from None
-    if path.endswith('.pkl') or head[:1] == b'\x80':
-        raise _refuse(path, 'this is a pickle (a network snapshot?), not a training state',
-                      'pass training-state-*.pt or its run directory; to start from a snapshot use '
-                      f'--transfer={path}')
-    if head != b'PK\x03\x04':
-        raise _refuse(path, 'not a training state (not a torch zip file)', USE_OURS)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        raise _refuse(path, 'corrupt or truncated training state (unreadable zip directory)', USE_EARLIER) from None
-    if any('/code/' in n or n.endswith('/constants.pkl') for n in names):
-        raise _refuse(path, 'a TorchScript archive, which would run code when loaded; refused', USE_OURS)
-    if not any(n.endswith('/data.pkl') for n in names):
-        raise _refuse(path, 'a zip file without data.pkl (a dataset?), not a training state', USE_OURS)
-
-
-def load_training_state(path, required_keys=STATE_KEYS, mmap=False):
-    """The training-state dict saved by the loop (plain tensors and data: torch.load(weights_only=True),
-    nothing in the file can execute). Every way the file can be wrong is one ValueError line naming
-    the file and what to use instead. `mmap` maps the tensors lazily (cheap when only `config` is read)."""
-    import pickle
-    import torch
-    _check_state_file(path)
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:  # torch names a refused class 'GLOBAL module.name'
-        refused = re.search(r'GLOBAL (\S+)', str(err))
-        if refused is None:
-            raise _refuse(path, 'corrupt training state (unreadable pickle)', USE_EARLIER) from None
-        raise _refuse(path, f'holds pickled objects ({refused.group(1)}), not plain tensors (an EDM training state, '
-                            f'or not written by train.py)', 'to start from an EDM run use '
-                      '--transfer=network-snapshot-*.pkl') from None
-    except Exception as err:  # torch reports truncation/corruption with RuntimeError, EOFError, KeyError...
-        raise _refuse(path, f'corrupt or truncated training state ({type(err).__name__})', USE_EARLIER) from None
-    version = state.get('version', STATE_VERSION) if isinstance(state, dict) else STATE_VERSION
-    if not (type(version) is int and version == STATE_VERSION):
-        raise _refuse(path, f'training-state version {version!r}, this code reads version {STATE_VERSION}',
-                      'resume it with the d2o version that wrote it')
-    missing = [k for k in required_keys if k not in state] if isinstance(state, dict) else list(required_keys)
-    if not missing and 'config' in required_keys and not isinstance(state['config'], dict):
-        missing = ['config (not a dict)']
-    if missing:
-        raise _refuse(path, f'incomplete training state (missing {", ".join(missing)})', USE_EARLIER)
-    if required_keys == STATE_KEYS:
-        from training.state import check_fields
-        try:
-            check_fields(state)
-        except ValueError as err:
-            raise _refuse(path, str(err), USE_EARLIER) from None
-    return state
-
-
-def saved_run_config(state):
-    """The saved TrainConfig dict plus DATASET_KEYS (the data shape the saved generator was built for)."""
-    config = dict(state['config'])
-    kwargs = (state.get('G_record') or {}).get('init_kwargs') or {}
-    for key, name in zip(DATASET_KEYS, ('img_resolution', 'img_channels', 'label_dim')):
-        if name in kwargs:
-            config[key] = kwargs[name]
-    return config
-
-
-def _plain(value):
-    """Tuples and lists compare equal (JSON round trips turn one into the other)."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _option_name(key):
-    return f'--data {key}' if key in DATASET_KEYS else '--' + key.replace('_', '-')
-
-
-def _changed(saved_cfg, new_cfg, keys):
-    """[(option, saved, new)] for the `keys` present in both dicts whose values differ."""
-    return [(_option_name(k), saved_cfg[k], new_cfg[k]) for k in keys
-            if k in saved_cfg and k in new_cfg and _plain(saved_cfg[k]) != _plain(new_cfg[k])]
-
-
-def what_differences(saved_cfg, new_cfg):
-    return _changed(saved_cfg, new_cfg, WHAT_OPTIONS)
-
-
-def _describe(changes):
-    return '; '.join(f'{option} saved {saved!r}, now {new!r}' for option, saved, new in changes)
-
-
-def check_resume(saved_cfg, new_cfg, path=None):
-    """Compare the saved run's configuration with this run's (dicts; keys missing on either side are not
-    compared). A changed WHAT option → ValueError naming every such option with its saved and new value;
-    otherwise the changed HOW options as [(option, saved, new)] for the loop to log. A key in none of
-    the three lists (a field newer than this table) counts as HOW: it takes effect, and is logged."""
-    refused = what_differences(saved_cfg, new_cfg)
-    if refused:
-        raise ValueError(f'{f"--resume={path}" if path else "--resume"}: cannot change what is trained: '
-                         f'{_describe(refused)}; use the saved values or start a new run without --resume')
-    unlisted = sorted(set(new_cfg) - set(WHAT_OPTIONS) - set(HOW_OPTIONS) - set(IGNORED_OPTIONS))
-    return _changed(saved_cfg, new_cfg, HOW_OPTIONS + tuple(unlisted))
-
-
-# ----------------------------------------------------------------------------------------------
-# Signals (issue 12.4). `docker stop`, Kubernetes and Slurm send SIGTERM to the whole process group:
+# Signals (docs/design.md "Errors"). `docker stop`, Kubernetes and Slurm send SIGTERM to the whole process group:
 # DataLoader workers must outlive it so that the main process can finish its iteration, save the
 # state and exit. The exit status then says "stopped by a signal", never success.
 

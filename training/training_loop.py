@@ -3,8 +3,9 @@
 `run` resolves the configuration, builds the networks (or restores them from a training state), then
 repeats one iteration — training/steps.py's stages on `rounds` micro-batches, then the EMA — and at every
 tick reports, snapshots and dumps through the run directory (training/run_dir.py). With `--loss=edm|vp|ve`
-the same loop trains a diffusion teacher (no D). Everything a resume needs is one TrainingState
-(training/state.py); the data order is a pure function of (seed, position), so resuming is bit-exact."""
+the same loop trains a diffusion teacher (no D). Everything a resume needs is one TrainingState, and its
+file is found, checked and read by training/state.py; the data order is a pure function of (seed,
+position), so resuming is bit-exact."""
 import contextlib
 import copy
 import dataclasses
@@ -23,10 +24,9 @@ import dnnlib
 from pg_modules.discriminator import ProjectedDiscriminator
 from torch_utils import distributed as dist
 from training import (checkpoint, config, consistency, freeze, generator, loss as losses, run_dir as rundir, sampling,
-                      steps)
+                      state as training_state, steps)
 from training.dataset import ImageFolderDataset
 from training.image_grid import save_image_grid
-from training.state import TrainingState, restoring
 
 DIFFUSION_LOSSES = {'edm': losses.EDMLoss, 'vp': losses.VPLoss, 've': losses.VELoss}
 
@@ -108,25 +108,25 @@ def find_resume(cfg, log):
     """(path, saved state, notes) to continue from, or (None, None, []). Rank 0 looks the state up
     (--resume=auto takes only states of this configuration) and every rank reads the same file. Refuses a
     state of another run configuration or process count; the options that change only how training
-    continues take effect, and `notes` says so for the log (issue 12.6)."""
+    continues take effect, and `notes` says so for the log (docs/checkpoint-format.md §3)."""
     options = dataclasses.asdict(cfg)
-    path = dist.broadcast_object(rundir.find_resume_state(cfg.resume, cfg.outdir, options, log)
+    path = dist.broadcast_object(training_state.find_resume_state(cfg.resume, cfg.outdir, options, log)
                                  if dist.rank() == 0 else None)
     if path is None:
         return None, None, []
-    saved = rundir.load_training_state(path)
+    saved = training_state.load_training_state(path)
     if len(saved['rng']) != dist.world_size():
         raise ValueError(f'--resume={path}: saved with {len(saved["rng"])} processes, now {dist.world_size()}; '
                          f'exact resume needs the same process count')
-    changes = rundir.check_resume(rundir.saved_run_config(saved), options, path)
+    changes = training_state.check_resume(training_state.saved_run_config(saved), options, path)
     return path, saved, [f'Resume: {option} changed from {old!r} to {new!r} (takes effect)'
                          for option, old, new in changes]
 
 
 def check_resume_data(path, saved, dataset):
     """The dataset's shape must be the one the saved generator was built for."""
-    shape = dict(zip(rundir.DATASET_KEYS, (dataset.resolution, dataset.num_channels, dataset.label_dim)))
-    rundir.check_resume(rundir.saved_run_config(saved), shape, path)
+    shape = dict(zip(training_state.DATASET_KEYS, (dataset.resolution, dataset.num_channels, dataset.label_dim)))
+    training_state.check_resume(training_state.saved_run_config(saved), shape, path)
 
 
 @contextlib.contextmanager
@@ -156,7 +156,7 @@ def write_json(path, data):
 
 
 def rebuild_generator(record, cfg, log):
-    """G of a training state, its precision taken from the current --precision (issue 13.2): use_fp16 only
+    """G of a training state, its precision taken from the current --precision (docs/method.md §9): use_fp16 only
     selects the compute dtype, the saved weights are float32 either way."""
     use_fp16 = generator.use_fp16_for(cfg)
     kwargs = dict(record.get('init_kwargs', {}))
@@ -165,13 +165,13 @@ def rebuild_generator(record, cfg, log):
     return checkpoint.build_network(dict(record, init_kwargs=dict(kwargs, use_fp16=use_fp16)), "field 'G_record'")
 
 
-def build_training(cfg, plan, dataset, saved, device, log, resume_path=None):
-    """G, EMA, D and both optimisers as one TrainingState (restored from `saved`, read from `resume_path`,
-    when resuming), with the current options' learning rates applied (a resumed run takes the new
-    --lr/--dlr/--r1-gamma)."""
+def build_training(cfg, plan, dataset, saved, guard, device, log, resume_path=None):
+    """G, EMA, D, both optimisers and the non-finite `guard` as one TrainingState (restored from `saved`, read
+    from `resume_path`, when resuming), with the current options' learning rates applied (a resumed run takes
+    the new --lr/--dlr/--r1-gamma)."""
     gan = cfg.loss == 'd2o'
     if saved:
-        with restoring(resume_path, 'G_record'):
+        with training_state.restoring(resume_path, 'G_record'):
             G = rebuild_generator(saved['G_record'], cfg, log)
     else:
         G = generator.build_generator(cfg, dataset, log)
@@ -190,7 +190,7 @@ def build_training(cfg, plan, dataset, saved, device, log, resume_path=None):
         opt_d = steps.make_adam(list(D.trainable_parameters()), steps.d_adam_settings(cfg.dlr, cfg.r1_gamma))
         log(f'Discriminator: backbones {list(plan.backbones)}, {sum(p.numel() for p in D.trainable_parameters()):,} '
             f'trainable parameters; feature weights: {D.weights_info}')
-    state = TrainingState(G=G, G_ema=ema, opt_G=opt_g, D=D, opt_D=opt_d)
+    state = training_state.TrainingState(G=G, G_ema=ema, opt_G=opt_g, guard=guard, D=D, opt_D=opt_d)
     if saved:
         state.load(saved, resume_path)
     steps.apply_settings(opt_g, steps.g_adam_settings(cfg.lr, gan))
@@ -403,14 +403,14 @@ def run(cfg):
         log(f'Dataset: {cfg.data}: {len(dataset)} images, {dataset.num_channels}x{dataset.resolution}^2, '
             f'label_dim {dataset.label_dim}')
         log(f'Processes: {world}, batch {cfg.batch} = {cfg.batch_gpu} per process x {plan.rounds} rounds x {world}')
-        state = build_training(cfg, plan, dataset, saved, device, log, resume_path)
+        # Its messages read `state` and `outputs` (bound below) only when a step is skipped.
+        guard = steps.NonFiniteGuard(cfg.max_nonfinite, log, where=lambda: f'{state.cur_nimg / 1000:.3f} kimg',
+                                     last_state=lambda: outputs.last_state)
+        state = build_training(cfg, plan, dataset, saved, guard, device, log, resume_path)
         teacher, lpips = build_cd_teacher(cfg, saved, dataset, device, log)
         if saved:
             log(f'Resumed from {resume_path} at {state.cur_nimg / 1000:.3f} kimg')
         outputs = RunOutputs(cfg, plan, run_dir, dataset, state, device, log, last_state=resume_path)
-        guard = steps.NonFiniteGuard(cfg.max_nonfinite, log, where=lambda: f'{state.cur_nimg / 1000:.3f} kimg',
-                                     last_state=lambda: outputs.last_state)
-        guard.streak = state.nonfinite_streak
         trainable = sum(p.numel() for p in steps.optimizer_params(state.opt_G))
         options = config.options_record(cfg, plan, run_dir=run_dir, resumed_from=resume_path,
                                         trainable_share=trainable / sum(p.numel() for p in state.G.parameters()),
