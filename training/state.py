@@ -190,7 +190,7 @@ def _check_state_file(path):
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError):  # (a member name that is not UTF-8)
         raise _refuse(path, 'corrupt or truncated training state (unreadable zip directory)', USE_EARLIER) from None
     if any('/code/' in n or n.endswith('/constants.pkl') for n in names):
         raise _refuse(path, 'a TorchScript archive, which would run code when loaded; refused', USE_OURS)
