@@ -105,8 +105,9 @@ def test_backbone_by_integer_or_name():
     # Integers (what old training_options.json and states hold) stay as they are, 7 included; an official set by
     # name is stored as its integer, so a resume compares equal; other lists keep their names.
     resolved = lambda backbone: resolve(make_config(outdir='o', data='d', backbone=backbone), check_files=False)
+    lite0 = ('tf_efficientnet_lite0',)
     assert [(cfg.backbone, plan.backbones) for cfg, plan in map(resolved, (7, '3', 'vgg16_bn,tf_efficientnet_lite0'))] \
-        == [(7, ('tf_efficientnet_lite0',)), (3, ('tf_efficientnet_lite0',)), (1, ('vgg16_bn', 'tf_efficientnet_lite0'))]
+        == [(7, lite0), (3, lite0), (1, ('vgg16_bn',) + lite0)]
     cfg, plan = resolved('tf_efficientnet_lite0, deit_base_distilled_patch16_224')
     assert cfg.backbone == 'tf_efficientnet_lite0,deit_base_distilled_patch16_224'
     assert plan.backbones == ('tf_efficientnet_lite0', 'deit_base_distilled_patch16_224')
@@ -129,10 +130,9 @@ def test_train_cli_takes_backbone_names(synth_zip):
     assert '"backbone": 1,' in res.stdout and "backbones=('vgg16_bn', 'tf_efficientnet_lite0')" in res.stdout
     bad = subprocess.run([sys.executable, 'train.py', '--outdir=unused', f'--data={synth_zip}', '-n',
                           '--backbone=vgg16'], capture_output=True, text=True, cwd=ROOT)
-    assert (bad.returncode, bad.stderr.splitlines()[-1]) == (1, "Error: --backbone=vgg16: unknown backbone 'vgg16'; "
-                                                                 'expected 0, 1, 3 or names from vgg16_bn, '
-                                                                 'tf_efficientnet_lite0, deit_base_distilled_patch16_224 '
-                                                                 'joined by commas')
+    assert (bad.returncode, bad.stderr.splitlines()[-1]) == (
+        1, "Error: --backbone=vgg16: unknown backbone 'vgg16'; expected 0, 1, 3 or names from vgg16_bn, "
+           'tf_efficientnet_lite0, deit_base_distilled_patch16_224 joined by commas')
 
 
 def test_resolve_checks_files_before_anything_loads(tmp_path, synth_zip):
