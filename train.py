@@ -17,7 +17,8 @@ import click
 import dnnlib
 from dnnlib import cli as cli_policy
 from torch_utils import distributed as dist
-from training.config import DEFAULT_NOTES, DEFAULTS, PRESETS, make_config, resolve
+from pg_modules.backbones import BACKBONE_HELP
+from training.config import CHOICES, DEFAULT_NOTES, DEFAULTS, PRESETS, make_config, resolve
 
 
 def shown_default(field):
@@ -46,6 +47,11 @@ def int_list(ctx, param, value):
         raise click.BadParameter(str(err)) from None
 
 
+def int_or_names(ctx, param, value):
+    """--backbone: digits are an official integer, anything else names (config.resolve validates both)."""
+    return int(value) if value is not None and value.strip().lstrip('-').isdigit() else value
+
+
 def str_list(ctx, param, value):
     return None if value is None else [x.strip() for x in value.split(',') if x.strip()]
 
@@ -60,7 +66,7 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @option('--preset', help='A paper run: ' + ', '.join(sorted(PRESETS)), type=click.Choice(sorted(PRESETS)))
 @option('--cond', help='Class-conditional (dataset labels required)', type=bool)
 @option('--loss', help='d2o = GAN fine-tuning; edm/vp/ve = diffusion teacher training',
-        type=click.Choice(['d2o', 'edm', 'vp', 've']))
+        type=click.Choice(CHOICES['loss']))
 @option('--arch', help='Generator architecture', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']))
 @option('--precond', help='Preconditioning (d2o for generators; a diffusion loss with d2o uses edm)',
         type=click.Choice(['d2o', 'edm', 'vp', 've']))
@@ -79,8 +85,7 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @option('--train-groups', help='Train exactly these groups instead of --freeze (e.g. norm,qkv,skip)',
         metavar='LIST', callback=str_list)
 # Discriminator
-@option('--backbone', help='Feature networks: 0 DeiT+EffNet-lite0, 1 VGG16-BN+EffNet-lite0, 3 EffNet-lite0',
-        type=click.IntRange(min=0))
+@option('--backbone', help=BACKBONE_HELP, metavar='INT|NAMES', callback=int_or_names)
 @option('--d-pretrained', help='Use pretrained feature networks (false: random features, logged)', type=bool)
 @option('--d-weights', help='Feature-network weight file or folder (also $D2O_WEIGHTS_DIR)', metavar='PATH')
 @option('--d-embedding', help='Class embedding of the conditional D: PATH | official (the official '
@@ -89,7 +94,7 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
         'per-GPU batch, so BatchNorm statistics do not depend on the GPU count)', type=click.IntRange(min=1))
 @option('--diffaug', help='DiffAugment in D (paper: off)', type=bool)
 @option('--interp224', help='Resize D inputs to 224', type=bool)
-@option('--loss-type', help='Adversarial loss', type=click.Choice(['ns', 'hinge']))
+@option('--loss-type', help='Adversarial loss', type=click.Choice(CHOICES['loss_type']))
 @option('--r1-gamma', help='R1 weight gamma (0 disables R1)', type=click.FloatRange(min=0))
 @option('--adv-scale', help="Adversarial loss multiplier (the paper's per-GPU batch)", type=POSITIVE)
 # Extra consistency-distillation objective (paper §4.4, docs/consistency.md)

@@ -720,7 +720,7 @@ class Rig:
         torch.manual_seed(0)
         self.G = make_generator(cfg.arch, cfg.res, cfg.label_dim, True, cfg.cbase, cfg.cres, cfg.blocks)
         self.G.train().requires_grad_(True).to(device)
-        from pg_modules.discriminator import backbone_set
+        from pg_modules.backbones import backbone_set
         self.D = make_discriminator(backbone_set(cfg.backbone), cfg.label_dim, cfg.backbone_kwargs).to(device)
         self.g_params = [p for _, p in freeze.select_trainable(self.G, level=cfg.freeze)]
         self.batches = [fake_batch(cfg.batch, cfg.res, cfg.label_dim, device, seed=5)]

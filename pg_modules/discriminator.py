@@ -1,7 +1,7 @@
 """Projected-GAN discriminator of D2O (docs/method.md §6, §10).
 
-Per backbone: a frozen `FeatureNetwork` (feature_networks.py) yields 4 projected maps, and 4 trainable
-spectral-norm mini-discriminators turn them into logit maps, flattened and concatenated to [B, N_k].
+Per backbone (named in backbones.py): a frozen `FeatureNetwork` (feature_networks.py) yields 4 projected maps,
+and 4 trainable spectral-norm mini-discriminators turn them into logit maps, flattened and concatenated to [B, N_k].
 `features(img)` is the frozen part (DiffAugment included when on) and `score(features, c)` the trainable one, so
 the training loop can reuse real-image features for the D step and R1; `forward(img, c) = score(features(img), c)`."""
 import math
@@ -15,13 +15,6 @@ from .class_embedding import EMBED_DIM, resolve_class_embedding
 from .feature_networks import FeatureNetwork
 from .projector import CSM_CHANNELS
 
-# Official `--backbone` integers; 2 (hf_hub ViT + EfficientNet-B0) is not supported, >= 3 means lite0 only.
-BACKBONE_SETS = {
-    0: ['deit_base_distilled_patch16_224', 'tf_efficientnet_lite0'],
-    1: ['vgg16_bn', 'tf_efficientnet_lite0'],
-    3: ['tf_efficientnet_lite0'],
-}
-
 # Mini-disc widths by feature resolution. When the D input is resized to 224 (or never resized, interp224 on)
 # the official sizes the discs for a declared 256² input (projected maps at 128, 64, 32, 16), whatever the real
 # sizes: 4, 3, 2, 1 down-blocks down to 8, then the head (docs/method.md §10). With interp224 off they are sized
@@ -31,16 +24,6 @@ DECLARED_RES = [128, 64, 32, 16]
 END_RES = 8
 HEAD_KERNEL = 4  # the 4×4 valid head conv: a mini-disc needs a map of at least 4×4 after its down-blocks
 CMAP_DIM = 64
-
-
-def backbone_set(index):
-    """Backbone names for the official `--backbone` integer."""
-    if index == 2:
-        raise ValueError('--backbone=2 (hf_hub:timm/vit_base_patch16_224.augreg_in21k_ft_in1k + '
-                         'tf_efficientnet_b0.ns_jft_in1k) is not supported; use 0, 1 or 3')
-    if index < 0:
-        raise ValueError(f'--backbone must be >= 0, got {index}')
-    return list(BACKBONE_SETS[min(index, 3)])
 
 
 def sn_conv(in_channels, out_channels, kernel, stride, padding, bias=True):

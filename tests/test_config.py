@@ -91,11 +91,48 @@ def test_resolve_derives_every_dependent_value_once():
     (dict(resume='x.pt', transfer='t.pkl'), '--resume and --transfer are exclusive'),
     (dict(loss='edm', multi_step_g=2), '--multi-step-g=2 applies to --loss=d2o only'),
     (dict(backbone=2), '--backbone=2'),
+    (dict(backbone=-1), '--backbone must be >= 0, got -1'),
+    (dict(backbone='resnet50'), "--backbone=resnet50: unknown backbone 'resnet50'"),
+    (dict(loss_type='wgan'), '--loss-type=wgan: expected one of ns, hinge'),
 ])
 def test_conflicts_surface_in_resolve(options, message):
     with pytest.raises(ValueError) as err:
         resolve(make_config(outdir='o', data='d', **options), check_files=False)
     assert message in str(err.value)
+
+
+def test_backbone_by_integer_or_name():
+    # Integers (what old training_options.json and states hold) stay as they are, 7 included; an official set by
+    # name is stored as its integer, so a resume compares equal; other lists keep their names.
+    resolved = lambda backbone: resolve(make_config(outdir='o', data='d', backbone=backbone), check_files=False)
+    lite0 = ('tf_efficientnet_lite0',)
+    assert [(cfg.backbone, plan.backbones) for cfg, plan in map(resolved, (7, '3', 'vgg16_bn,tf_efficientnet_lite0'))] \
+        == [(7, lite0), (3, lite0), (1, ('vgg16_bn',) + lite0)]
+    cfg, plan = resolved('tf_efficientnet_lite0, deit_base_distilled_patch16_224')
+    assert cfg.backbone == 'tf_efficientnet_lite0,deit_base_distilled_patch16_224'
+    assert plan.backbones == ('tf_efficientnet_lite0', 'deit_base_distilled_patch16_224')
+    assert resolved(cfg.backbone) == (cfg, plan)
+
+
+def test_option_validation_imports_no_torch():
+    # config.py reads the backbone and loss-type registries without torch, timm or torchvision (docs/design.md).
+    code = ('import sys; from training.config import make_config, resolve; '
+            "resolve(make_config(outdir='o', data='.', backbone='vgg16_bn,tf_efficientnet_lite0', loss_type='hinge')); "
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
+    assert (res.returncode, res.stdout) == (0, '[]\n'), res.stderr
+
+
+def test_train_cli_takes_backbone_names(synth_zip):
+    res = subprocess.run([sys.executable, 'train.py', '--outdir=unused', f'--data={synth_zip}', '-n',
+                          '--backbone=vgg16_bn,tf_efficientnet_lite0'], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert '"backbone": 1,' in res.stdout and "backbones=('vgg16_bn', 'tf_efficientnet_lite0')" in res.stdout
+    bad = subprocess.run([sys.executable, 'train.py', '--outdir=unused', f'--data={synth_zip}', '-n',
+                          '--backbone=vgg16'], capture_output=True, text=True, cwd=ROOT)
+    assert (bad.returncode, bad.stderr.splitlines()[-1]) == (
+        1, "Error: --backbone=vgg16: unknown backbone 'vgg16'; expected 0, 1, 3 or names from vgg16_bn, "
+           'tf_efficientnet_lite0, deit_base_distilled_patch16_224 joined by commas')
 
 
 def test_resolve_checks_files_before_anything_loads(tmp_path, synth_zip):

@@ -1,6 +1,7 @@
 """Projected discriminator: shapes, frozen/trainable split, determinism, conditioning, DiffAugment, class embeddings.
 Weight resolution and the offline EfficientNet-Lite0 package are in tests/test_feature_weights.py."""
 import copy
+import hashlib
 import math
 import pickle
 import pickletools
@@ -15,7 +16,8 @@ import torch
 
 from pg_modules import class_embedding
 from pg_modules.diffaug import diff_augment
-from pg_modules.discriminator import BACKBONE_SETS, DownBlock, ProjectedDiscriminator, backbone_set
+from pg_modules.backbones import BACKBONE_SETS, backbone_option, backbone_set
+from pg_modules.discriminator import DownBlock, ProjectedDiscriminator
 from pg_modules.feature_networks import FeatureNetwork
 from pg_modules.frozen_layers import replace_grouped_convs_
 
@@ -40,11 +42,44 @@ def images(batch=2, res=32, seed=0):
 
 
 def test_backbone_sets():
-    assert backbone_set(0) == BACKBONE_SETS[0] == [DEIT, LITE0]
+    assert backbone_set(0) == list(BACKBONE_SETS[0]) == [DEIT, LITE0]
     assert backbone_set(1) == ['vgg16_bn', LITE0]
     assert backbone_set(3) == backbone_set(7) == [LITE0]
     with pytest.raises(ValueError, match='hf_hub'):
         backbone_set(2)
+    with pytest.raises(ValueError, match='>= 0'):
+        backbone_set(-1)
+
+
+def test_backbones_by_name():
+    # An official set by name is its integer (what old states hold); other lists keep their names, in order.
+    assert backbone_option('vgg16_bn, tf_efficientnet_lite0') == 1 and backbone_option(LITE0) == 3
+    assert backbone_option('7') == 7 and backbone_set('7') == [LITE0]
+    assert backbone_option(f'{LITE0},vgg16_bn') == f'{LITE0},vgg16_bn'
+    assert backbone_set(f'{LITE0},{DEIT}') == [LITE0, DEIT]
+    with pytest.raises(ValueError, match="unknown backbone 'resnet50'; expected 0, 1, 3 or names from vgg16_bn"):
+        backbone_set('resnet50')
+    with pytest.raises(ValueError, match='named twice'):
+        backbone_set(f'{LITE0},{LITE0}')
+
+
+# Per official integer: a digest of D's state dict (names, exact values) and its logit sums, taken before the
+# backbones moved to backbones.py (pretrained=False, seed 5, torch.manual_seed(0), the tiny DeiT, 1 thread).
+BEFORE_REGISTRY = {0: ('c23e86e9685601a8', [-32.071, -70.805]), 1: ('6f1cbba7d67a1423', [-184.902, -25.384]),
+                   3: ('787203a2e9e3c9c3', [-10.991]), 7: ('787203a2e9e3c9c3', [-10.991])}
+
+
+@pytest.mark.parametrize('code', sorted(BEFORE_REGISTRY))
+def test_official_integers_build_the_same_discriminator(code):
+    torch.manual_seed(0)  # the mini-discs' own initialisation draws from the global RNG
+    d = random_d(backbones=backbone_set(code), seed=5, backbone_kwargs=TINY_DEIT)
+    digest = hashlib.sha256()
+    for key, value in sorted(d.state_dict().items()):
+        digest.update(key.encode() + value.float().contiguous().numpy().tobytes())
+    with torch.no_grad():
+        sums = [x.double().sum().item() for x in d(images(batch=2, res=32, seed=1))]
+    assert (digest.hexdigest()[:16], list(d.feature_networks)) == (BEFORE_REGISTRY[code][0], backbone_set(code))
+    assert sums == pytest.approx(BEFORE_REGISTRY[code][1], abs=2e-3)
 
 
 def test_vgg_and_lite0_logit_widths():

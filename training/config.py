@@ -11,7 +11,10 @@ import json
 import math
 import os
 import re
-from typing import Optional
+from typing import Optional, Union
+
+from pg_modules.backbones import backbone_option, backbone_set  # torch-free registries
+from training.loss_types import LOSS_TYPES
 
 EDM_PRETRAINED = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/'
 
@@ -36,14 +39,14 @@ class TrainConfig:
     freeze: Optional[int] = None        # None → 1 (D2O-F) for --loss=d2o, 0 for diffusion training
     train_groups: Optional[list] = None
     # Discriminator
-    backbone: int = 1                   # CIFAR-10: VGG16-BN + EfficientNet-lite0
+    backbone: Union[int, str] = 1       # official integer or backbone names (pg_modules/backbones.py); 1: CIFAR-10
     d_pretrained: bool = True
     d_weights: Optional[str] = None
     d_embedding: Optional[str] = None   # PATH | official | random; None → official for conditional runs
     d_bn_group: Optional[int] = None    # ghost-BatchNorm group of D; None → the per-process batch
     diffaug: bool = False
     interp224: bool = True
-    loss_type: str = 'ns'               # ns (non-saturating) | hinge
+    loss_type: str = 'ns'               # training/loss_types.py: ns (non-saturating) | hinge
     r1_gamma: float = 1e-4
     adv_scale: Optional[float] = None   # None → batch / 8 (the paper's per-GPU batch on 8 GPUs; loss.py)
     # Extra consistency-distillation objective (paper §4.4; training/consistency.py, docs/consistency.md)
@@ -151,7 +154,7 @@ def make_config(preset=None, **explicit):
 # Resolution: validate once and derive every dependent value, before the dataset or teacher loads.
 
 CHOICES = dict(loss=('d2o', 'edm', 'vp', 've'), precond=('d2o', 'edm', 'vp', 've'),
-               arch=(None, 'ddpmpp', 'ncsnpp', 'adm'), loss_type=('ns', 'hinge'), precision=('fp32', 'bf16'),
+               arch=(None, 'ddpmpp', 'ncsnpp', 'adm'), loss_type=tuple(LOSS_TYPES), precision=('fp32', 'bf16'),
                cd_distance=('l2', 'pseudo_huber', 'lpips'))
 MAX_SEED = 2 ** 31 - 1  # per-rank seeds are (seed·world + rank) mod 2³¹ (docs/method.md §4)
 
@@ -295,12 +298,12 @@ def resolve(cfg, world_size=1, check_files=True):
     _check_device(cfg.device)
     if check_files:
         _check_paths(cfg)
-    backbones = ()
+    backbone, backbones = cfg.backbone, ()
     if gan and not cfg.cd_only:
-        from pg_modules.discriminator import backbone_set  # validates the index
-        backbones = tuple(backbone_set(cfg.backbone))
+        backbone = backbone_option(cfg.backbone)  # names of an official set → its integer (resume compares it)
+        backbones = tuple(backbone_set(backbone))
     resolved = dataclasses.replace(
-        cfg, batch_gpu=batch_gpu,
+        cfg, batch_gpu=batch_gpu, backbone=backbone,
         freeze=cfg.freeze if cfg.freeze is not None else (1 if gan and cfg.train_groups is None else 0),
         # A diffusion teacher cannot use the D2O preconditioner (it is an x₀ predictor at one σ).
         precond=cfg.precond if gan or cfg.precond != 'd2o' else 'edm',

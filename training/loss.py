@@ -18,14 +18,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from training import sampling
+from training.loss_types import LOSS_TYPES  # `--loss-type` → f(ℓ) per stage (docs/method.md §5)
 
 R1_INTERVAL = 16  # lazy R1 every 16th iteration with its loss multiplied by 16 (StyleGAN2; docs/method.md §4)
-LOSS_TYPES = ('ns', 'hinge')  # `--loss-type`: non-saturating softplus or hinge (docs/method.md §5)
-
-# f(ℓ) per stage and loss type (docs/method.md §5): G on fakes; D on fakes and on reals.
-_G_TERM = {'ns': lambda l: F.softplus(-l), 'hinge': lambda l: -l}
-_D_FAKE_TERM = {'ns': F.softplus, 'hinge': lambda l: F.relu(1 + l)}
-_D_REAL_TERM = {'ns': lambda l: F.softplus(-l), 'hinge': lambda l: F.relu(1 - l)}
 
 #----------------------------------------------------------------------------
 # Adversarial weighting (docs/method.md §6).
@@ -44,7 +39,7 @@ def official_adv_scale(batch, num_gpus):
 
 
 def _adversarial(logits, term):
-    return sum(term(l).mean() for l in logits)
+    return sum(term(F, l).mean() for l in logits)
 
 
 def _logit_stats(kind, logits):
@@ -56,9 +51,10 @@ def _logit_stats(kind, logits):
     return stats
 
 
-def _check_loss_type(loss_type):
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f'loss_type={loss_type!r}: expected one of {LOSS_TYPES} (--loss-type)')
+def _loss_type(name):
+    if name not in LOSS_TYPES:
+        raise ValueError(f'loss_type={name!r}: expected one of {tuple(LOSS_TYPES)} (--loss-type)')
+    return LOSS_TYPES[name]
 
 
 def _no_autocast(device):
@@ -71,11 +67,11 @@ def generator_loss(G, D, z, labels, adv_scale, loss_type='ns', num_steps=1, midd
     """G main: fakes G(80·z, 80) (or the k-step schedule) with gradients, scored by D.
     The caller freezes D (requires_grad False) for this stage: only G's trainable parameters (and the
     input path through D) need gradients. Runs G under the caller's autocast, D in float32."""
-    _check_loss_type(loss_type)
+    terms = _loss_type(loss_type)
     fake = sampling.generator_sample(G, z, labels, num_steps=num_steps, middle_sigma=middle_sigma)
     with _no_autocast(z.device):
         logits = D(fake.float(), labels)
-        loss = adv_scale * _adversarial(logits, _G_TERM[loss_type])
+        loss = adv_scale * _adversarial(logits, terms.g)
     return loss, {'Loss/G/loss': loss.detach(), **_logit_stats('fake', logits)}
 
 
@@ -85,7 +81,7 @@ def discriminator_loss(D, real_img, fake_img, labels, adv_scale, loss_type='ns',
     `real_features`: r1_features(D, real_img) computed for an R1 stage in the same iteration; the real pass
     then reuses those frozen features instead of recomputing them. Allowed only when D does not augment
     (checked); identical up to rounding where R1's math attention kernel replaces a fused one."""
-    _check_loss_type(loss_type)
+    terms = _loss_type(loss_type)
     with _no_autocast(real_img.device):
         logits_fake = D(fake_img.detach().float(), labels)
         if real_features is None:
@@ -95,8 +91,8 @@ def discriminator_loss(D, real_img, fake_img, labels, adv_scale, loss_type='ns',
                 raise ValueError('discriminator_loss: real_features (R1\'s pass) cannot be shared when D applies '
                                  'DiffAugment: its real pass draws its own augmentation; compute it without them')
             logits_real = D.score([[f.detach() for f in maps] for maps in real_features[1]], labels)
-        loss_fake = adv_scale * _adversarial(logits_fake, _D_FAKE_TERM[loss_type])
-        loss_real = adv_scale * _adversarial(logits_real, _D_REAL_TERM[loss_type])
+        loss_fake = adv_scale * _adversarial(logits_fake, terms.d_fake)
+        loss_real = adv_scale * _adversarial(logits_real, terms.d_real)
     loss = loss_fake + loss_real
     return loss, {'Loss/D/loss': loss.detach(), **_logit_stats('fake', logits_fake), **_logit_stats('real', logits_real)}
 
