@@ -115,6 +115,19 @@ def refused_load(path):
     return message
 
 
+def test_state_with_a_member_name_that_is_not_utf8_is_refused(tmp_path):
+    """A central-directory name flagged UTF-8 that does not decode (found by the fuzzing harness)."""
+    good = Path(save_state(tmp_path / 'training-state-000001.pt')).read_bytes()
+    central = good.find(b'PK\x01\x02')
+    data = bytearray(good)
+    data[central + 8] |= 0x08  # general-purpose flags, bit 11 (0x800): the name is UTF-8
+    data[central + 46] = 0xC1  # first byte of the name: never valid UTF-8
+    bad = tmp_path / 'training-state-000002.pt'
+    bad.write_bytes(bytes(data))
+    assert refused_load(bad) == (f'--resume={bad}: corrupt or truncated training state (unreadable zip directory); '
+                                 f'resume from an earlier training-state-*.pt of the same run')
+
+
 def test_truncated_state_is_refused(tmp_path):
     good = Path(save_state(tmp_path / 'training-state-000001.pt'))
     cut = tmp_path / 'training-state-000002.pt'
