@@ -4,6 +4,7 @@ import pickle
 import stat
 import tarfile
 
+import click
 import numpy as np
 import PIL.Image
 import pytest
@@ -120,6 +121,20 @@ def test_cifar_unpickler_refuses_code(tmp_path):
         tar.addfile(info, io.BytesIO(payload))
     with pytest.raises(pickle.UnpicklingError, match='print'):
         list(dataset_tool.iterate_cifar10(path))
+
+
+def test_cifar_batch_that_is_not_a_dict_is_one_clear_error(tmp_path):
+    """A batch pickling a bare array instead of {"data", "labels"} (found by the fuzzing harness)."""
+    path = tmp_path / 'cifar-10-python.tar.gz'
+    with tarfile.open(path, 'w:gz') as tar:
+        payload = pickle.dumps(np.zeros((2, 3072), np.uint8), protocol=2)
+        info = tarfile.TarInfo('cifar-10-batches-py/test_batch')
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(click.ClickException) as err:
+        list(dataset_tool.iterate_cifar10(path, split='test'))
+    assert err.value.message == (f'{path}: cifar-10-batches-py/test_batch is not a CIFAR-10 batch (a dict of '
+                                 f'"data": N x 3072 bytes and N "labels")')
 
 
 def test_synth_is_deterministic_balanced_and_refuses_overwrite(tmp_path):

@@ -341,3 +341,14 @@ def test_constructor_records_are_bounded_before_building(tmp_path):
                               channel_mult=[2, 2, 2], num_blocks=4)}
     for class_name, kwargs in real.items():  # EDM's ADM ImageNet-64, NCSN++ 256, DDPM++ CIFAR-10 pass
         checkpoint._check_constructor_record(class_name, (), kwargs, 'real')
+
+
+def test_record_with_attribute_names_that_are_not_strings_is_one_line():
+    """A network record whose state dict has a tuple key (found by the fuzzing harness: an AttributeError
+    traceback in the structure check)."""
+    teacher = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'demo', 'teacher-mnist32.pkl')
+    data = safe_pickle.load_path(teacher, checkpoint.SNAPSHOT_GLOBALS)
+    data['ema'].state['_modules']['model'].state[('x',)] = 1
+    with pytest.raises(ValueError) as err:
+        checkpoint._materialize(data, 'f.pkl')
+    assert str(err.value) == ('f.pkl: model has attribute names that are not strings or _modules that is not a dict')

@@ -108,14 +108,17 @@ def _check_structure(node, module, path, source):
     if _node_class_name(node) != type(module).__name__:
         raise ValueError(f'{source}: {path or "<root>"} is a {_node_class_name(node)} in the checkpoint but '
                          f'{type(module).__name__} when rebuilt from its constructor record')
-    for key, value in _node_state(node).items():
+    state, where = _node_state(node), path or '<root>'
+    if not all(isinstance(key, str) for key in state) or not isinstance(state.get('_modules', {}), dict):
+        raise ValueError(f'{source}: {where} has attribute names that are not strings or _modules that is not a dict')
+    for key, value in state.items():
         ours = module.__dict__.get(key, value)  # attributes only the file has (e.g. D2O's SongUNet.augment_dim) pass
         if key.startswith('_') or key == 'training' or not _is_plain(value) or not _is_plain(ours):
             continue
         if not _same_value(value, ours):
             raise ValueError(f'{source}: attribute {path + "." if path else ""}{key} is {value!r} in the checkpoint '
                              f'but {ours!r} when rebuilt; the file was written by incompatible code')
-    for name, child in _node_state(node).get('_modules', {}).items():
+    for name, child in state.get('_modules', {}).items():
         if child is not None:
             _check_structure(child, getattr(module, name, None), f'{path}.{name}' if path else name, source)
 
