@@ -40,13 +40,6 @@ DETECTOR_GLOBALS = {**safe_pickle.TENSOR_GLOBALS,
                     ('torch_utils.persistence', '_reconstruct_persistent_obj'): reconstruct_persistent_obj}
 
 
-class SafeUnpickler(safe_pickle.RestrictedUnpickler):
-    """The restricted unpickler with the detector's allow-list and the inert fallback."""
-
-    def __init__(self, file, source='<stream>'):
-        super().__init__(file, DETECTOR_GLOBALS, source, inert=InertNode)
-
-
 def collect_tensors(obj, prefix, out, limit=safe_pickle.MAX_OBJECTS):
     """Flatten a tree of nodes/dicts into `{dotted attribute path: tensor}`; nn.Module instance dicts
     contribute their `_parameters/_buffers/_modules` under the module's own path. Each node or dict is walked
@@ -74,11 +67,6 @@ def collect_tensors(obj, prefix, out, limit=safe_pickle.MAX_OBJECTS):
                 children.append((value, f'{path}.{key}' if path else key))
         stack += reversed(children)
     return out
-
-
-def read_torchscript_tensors(archive, path):
-    """The object tree of a TorchScript archive's data.pkl (storages from the zip); its code is never loaded."""
-    return safe_pickle.read_zip(archive, DETECTOR_GLOBALS, str(path), inert=InertNode, torchscript_data=True)
 
 
 def read_detector_state_dict(path):

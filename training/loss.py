@@ -33,14 +33,8 @@ _D_REAL_TERM = {'ns': lambda l: F.softplus(-l), 'hinge': lambda l: F.relu(1 - l)
 # The official D returns its logits as 2·B_gpu separate rows, so every adversarial loss is effectively
 # B_gpu · Σ_k mean_{b,j} f(ℓ_k[b,j]) (per-backbone means summed, whatever N_k), while R1 is a plain batch
 # mean. The adversarial-vs-R1 balance therefore depends on the per-GPU batch. Here the factor is an explicit
-# `adv_scale`: loss = adv_scale · Σ_k mean f(ℓ_k). adv_scale = official_adv_scale(batch, num_gpus) reproduces
-# a given official run; the paper's runs used 8 GPUs (batch 256 → 32, ImageNet 512 → 64).
-
-def official_adv_scale(batch, num_gpus):
-    """The official code's implicit adversarial factor: the per-GPU batch."""
-    if num_gpus < 1 or batch % num_gpus:
-        raise ValueError(f'official_adv_scale: batch {batch} must split evenly over {num_gpus} GPU(s)')
-    return batch // num_gpus
+# `adv_scale`: loss = adv_scale · Σ_k mean f(ℓ_k). The official run on G GPUs had adv_scale = batch / G; the
+# default (training/config.py, batch / PAPER_NUM_GPUS) and the presets use the paper's 8 GPUs (256 → 32, 512 → 64).
 
 
 def _adversarial(logits, term):
