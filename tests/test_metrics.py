@@ -229,7 +229,7 @@ def test_reads_a_real_persistence_pickle_by_attribute_path(fixtures_dir):
     manifest = json.loads((fixtures_dir / 'manifest_d2o.json').read_text())['d2o_ncsnpp_uncond16']
     path = fixtures_dir / 'd2o_ncsnpp_uncond16.pkl'
     tree = safe_pickle.load_path(path, detector_module.DETECTOR_GLOBALS, inert=safe_pickle.InertNode)
-    tensors = detector_module.collect_tensors(tree, '', {})
+    tensors = safe_pickle.collect_tensors(tree, '', {})
     ema = {name[len('ema.'):]: list(t.shape) for name, t in tensors.items() if name.startswith('ema.')}
     assert len(ema) == 215 and ema == manifest['state_dict']
     with pytest.raises(ValueError, match='no FID Inception weights'):
