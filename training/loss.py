@@ -99,7 +99,7 @@ def r1_features(D, real_img):
     """R1's input: the reals as a fresh leaf requiring grad and D's frozen features of it with the graph to
     the leaf. When D augments (diffaug), the features are of DiffAugmented reals, as the official R1 runs D's
     full forward on them; the gradient is still taken w.r.t. the un-augmented leaf, through the augmentation
-    (docs/method.md §5, §10; issue 13.4). DiffAugment draws from torch's default generator here.
+    (docs/method.md §5, §10). DiffAugment draws from torch's default generator here.
     Pass the pair to r1_penalty, and, only when D does not augment, to discriminator_loss when both stages run
     in one iteration, to compute the frozen feature networks once on the reals."""
     x = real_img.detach().float().requires_grad_(True)

@@ -74,7 +74,7 @@ class NonFiniteGuard:
     `max_nonfinite` in a row abort with FloatingPointError.
 
     `where()` names the current position for messages; `last_state()` returns the newest training state
-    on disk or None, so the abort message points only to a state that exists (issue 12.12)."""
+    on disk or None, so the abort message points only to a state that exists (docs/method.md §4)."""
 
     def __init__(self, max_nonfinite, log=print, where=lambda: '', last_state=lambda: None):
         self.max_nonfinite, self.log, self.where, self.last_state = max_nonfinite, log, where, last_state
