@@ -19,11 +19,11 @@ from dnnlib.util import atomic_write, parse_int_list
 from torch_utils import distributed as dist
 from training.checkpoint import load_network
 from training.image_grid import save_image_grid
-from training.sampling import DEFAULT_STEPS, SAMPLERS, check_class_idx, default_sampler, generate_images, is_generator
+from training.sampling import (DEFAULT_STEPS, MAX_SEED, SAMPLERS, check_class_idx, default_sampler, generate_images,
+                               is_generator)
 
 POSITIVE = click.FloatRange(min=0, min_open=True)
 NON_NEGATIVE = click.FloatRange(min=0)
-MAX_SEED = (1 << 32) - 1  # latents are drawn from torch.Generator(seed mod 2³²): larger seeds would alias
 MAX_SEEDS = 10_000_000  # images per run: the seed list is held in memory (and far above a 50k FID)
 
 
@@ -44,7 +44,7 @@ def _seeds_option(ctx, param, value):
     if len(set(seeds)) != len(seeds):
         raise click.BadParameter('a seed is listed more than once (its images would overwrite each other)')
     if seeds and max(seeds) > MAX_SEED:
-        raise click.BadParameter(f'seed {max(seeds)} is out of range (0 to 2^32-1)')
+        raise click.BadParameter(f'seed {max(seeds)} is out of range (0 to {MAX_SEED})')
     return seeds
 
 

@@ -11,19 +11,24 @@
 # Usage: bash train.sh RUN [extra train.py options], e.g. bash train.sh cifar10-uncond-d2o-f --workers=4
 # Datasets (EDM format) are expected under $DATA (default: datasets/), see README "Datasets".
 set -euo pipefail
-RUN=${1:?usage: bash train.sh RUN [options]; RUN is one of the presets below}
+RUN=${1:?usage: bash train.sh RUN [options]; RUN is a preset of training/config.py}
 shift
 DATA=${DATA:-datasets}
 NGPUS=${NGPUS:-8}
 OUTDIR=${OUTDIR:-training-runs}
-case "$RUN" in
-  cifar10-uncond-d2o|cifar10-uncond-d2o-f|cifar10-cond-d2o|cifar10-cond-d2o-f) ZIP=$DATA/cifar10-32x32.zip ;;
-  afhqv2-d2o|afhqv2-d2o-f) ZIP=$DATA/afhqv2-64x64.zip ;;
-  ffhq-d2o|ffhq-d2o-f) ZIP=$DATA/ffhq-64x64.zip ;;
-  imagenet-d2o|imagenet-d2o-f) ZIP=$DATA/imagenet-64x64.zip ;;
-  *) echo "unknown run '$RUN'" >&2; exit 2 ;;
-esac
+HERE="$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")"
+# The preset's dataset is the one its EDM teacher was trained on (edm-cifar10-32x32-uncond-ve.pkl → cifar10-32x32.zip):
+# training/config.py's PRESETS are the one list of runs (stdlib only, so any python3 reads it).
+NAME=$(cd "$HERE" && python3 -c '
+import sys
+from training.config import PRESETS
+run = sys.argv[1]
+if run not in PRESETS:
+    print("Error: unknown run %r; expected one of %s" % (run, ", ".join(sorted(PRESETS))), file=sys.stderr)
+    sys.exit(2)
+print("-".join(PRESETS[run]["transfer"].rsplit("/", 1)[-1].split("-")[1:3]))' "$RUN")
+ZIP=$DATA/$NAME.zip
 # The train.py beside this script, not whatever train.py the current folder holds.
-TRAIN_PY="$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/train.py"
+TRAIN_PY="$HERE/train.py"
 exec torchrun --standalone --nproc_per_node="$NGPUS" "$TRAIN_PY" --preset="$RUN" --outdir="$OUTDIR" --data="$ZIP" \
   --workers=4 --seed=42 "$@"

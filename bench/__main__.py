@@ -20,7 +20,7 @@ from bench import common
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Official D2O code, 2 cores / 2 threads, batch 8, 32², one random tf_efficientnet_lite0 backbone (issue 8).
+# Official D2O code, 2 cores / 2 threads, batch 8, 32², one random tf_efficientnet_lite0 backbone (BENCHMARKS.md).
 # Seconds per stage; peak RSS in GB (read as 10⁹ bytes, the stricter reading of "GB").
 REFERENCE = {
     'd2o': dict(g_s=6.88, d_s=2.71, r1_s=3.26, iter_s=9.79, peak_gb=3.47),

@@ -1,4 +1,4 @@
-"""GPU readiness check (issue 18 item 2): `make gpu-check` = `python -m bench.gpu_check --outdir=gpu-check-out`.
+"""GPU readiness check (BENCHMARKS.md): `make gpu-check` = `python -m bench.gpu_check --outdir=gpu-check-out`.
 
 One script for the first GPU machine this project gets (one H200, minutes of device time), in two parts:
 
@@ -57,7 +57,7 @@ from training import freeze, generator, loss as losses, networks, steps
 from training.sampling import SIGMA_MAX
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER_IMG_S_PER_GPU = 5e6 / (6 * 3600) / 8  # 5 Mimg in 6 h on 8×A100 (issue 18): ≈ 28.9 img/s per GPU
+PAPER_IMG_S_PER_GPU = 5e6 / (6 * 3600) / 8  # 5 Mimg in 6 h on 8×A100 (BENCHMARKS.md): ≈ 28.9 img/s per GPU
 DEIT, LITE0, VGG = 'deit_base_distilled_patch16_224', 'tf_efficientnet_lite0', 'vgg16_bn'
 FLOAT32_MODULES = re.compile(r'(^|\.)(map_\w+|affine)$')  # mapping network and per-block affine (docs/method.md §9)
 LOWERED_MODULES = re.compile(r'(^|\.)conv[01]$')  # U-Net block convolutions: bfloat16 under autocast

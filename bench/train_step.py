@@ -62,6 +62,18 @@ def build(arch, cbase, cres, blocks, res, backbones, freeze_level, r1_gamma, dev
     return G, ema, opt_g, D, opt_d
 
 
+class DGradInGStages(steps.GanStages):
+    """The --d-grad-in-g ablation: G main leaves D's trainable weights requiring grad (as D main left them), so
+    its backward also computes their gradients; the loop's stages switch them off."""
+
+    def g_main(self, batches):
+        self.D.requires_grad_ = lambda requires_grad=True: self.D  # the stage's one toggle becomes a no-op
+        try:
+            super().g_main(batches)
+        finally:
+            del self.D.requires_grad_
+
+
 def measure(arch='ncsnpp', cbase=128, cres=(2, 2, 2), blocks=4, res=32, batch=8, backbones=('tf_efficientnet_lite0',),
             freeze_level=0, precision='fp32', r1_gamma=1e-4, iters=5, warmup=2, threads=2, device='cpu',
             d_grad_in_g=False, adam_foreach=True, plain_grouped_convs=False, d_channels_last=False, compile=False,
@@ -78,9 +90,8 @@ def measure(arch='ncsnpp', cbase=128, cres=(2, 2, 2), blocks=4, res=32, batch=8,
     G_call = torch.compile(G) if compile else G  # same parameters; only the forward is compiled
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
     settings = steps.GanSettings(adv_scale=batch / config.PAPER_NUM_GPUS, r1_gamma=r1_gamma)
-    stages = steps.GanStages(G_call, D, opt_g, opt_d, settings, steps.NonFiniteGuard(max_nonfinite=1 << 30),
-                             autocast=autocast)
-    stages.d_grad_in_g = d_grad_in_g
+    stages = (DGradInGStages if d_grad_in_g else steps.GanStages)(
+        G_call, D, opt_g, opt_d, settings, steps.NonFiniteGuard(max_nonfinite=1 << 30), autocast=autocast)
     real = torch.rand([batch, 3, res, res], generator=torch.Generator().manual_seed(1)).to(device) * 2 - 1
     batches = [(real, None)]  # one round, unconditional
 

@@ -40,47 +40,6 @@ DETECTOR_GLOBALS = {**safe_pickle.TENSOR_GLOBALS,
                     ('torch_utils.persistence', '_reconstruct_persistent_obj'): reconstruct_persistent_obj}
 
 
-class SafeUnpickler(safe_pickle.RestrictedUnpickler):
-    """The restricted unpickler with the detector's allow-list and the inert fallback."""
-
-    def __init__(self, file, source='<stream>'):
-        super().__init__(file, DETECTOR_GLOBALS, source, inert=InertNode)
-
-
-def collect_tensors(obj, prefix, out, limit=safe_pickle.MAX_OBJECTS):
-    """Flatten a tree of nodes/dicts into `{dotted attribute path: tensor}`; nn.Module instance dicts
-    contribute their `_parameters/_buffers/_modules` under the module's own path. Each node or dict is walked
-    once (the first path reaching it names its tensors), so shared or cyclic data cost their size, not their
-    paths; more than `limit` of them raise. Tensors are recorded under every path (tied weights keep both names)."""
-    stack, seen = [(obj, prefix)], set()
-    while stack:
-        node, path = stack.pop()
-        if isinstance(node, torch.Tensor):
-            out[path] = node
-            continue
-        if not isinstance(node, (InertNode, dict)) or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if len(seen) > limit:
-            raise ValueError(f'more than {limit:,} nodes to search for tensors; refusing the file')
-        if isinstance(node, InertNode):
-            stack += [(node.items, path), (node.state, path)]  # popped in reverse: state first
-            continue
-        children = []
-        for key, value in node.items():
-            if key in ('_parameters', '_buffers', '_modules'):
-                children.append((value, path))
-            elif isinstance(key, str) and not key.startswith('_'):
-                children.append((value, f'{path}.{key}' if path else key))
-        stack += reversed(children)
-    return out
-
-
-def read_torchscript_tensors(archive, path):
-    """The object tree of a TorchScript archive's data.pkl (storages from the zip); its code is never loaded."""
-    return safe_pickle.read_zip(archive, DETECTOR_GLOBALS, str(path), inert=InertNode, torchscript_data=True)
-
-
 def read_detector_state_dict(path):
     """Tensors of an Inception file as NVIDIA-named float32 `{layers.…, [output.…]}` (see module doc)."""
     try:
@@ -89,7 +48,7 @@ def read_detector_state_dict(path):
         if isinstance(tree, int) and tree == LEGACY_TORCH_MAGIC:
             with open(path, 'rb') as f:  # from memory: torch's reader allocates a string's declared length on a
                 tree = torch.load(io.BytesIO(f.read()), map_location='cpu', weights_only=True)  # file, not on bytes
-        tensors = collect_tensors(tree, '', {})
+        tensors = safe_pickle.collect_tensors(tree, '', {})
     except Exception as err:  # nothing in the file runs, so any failure means a malformed or foreign file
         raise ValueError(f'{path}: cannot read FID Inception weights ({err.__class__.__name__}: '
                          f'{safe_pickle.weights_only_reason(err)})') from None

@@ -40,7 +40,7 @@ def needed_networks(which):
     return list(dict.fromkeys(NETWORK[name] for name in which))
 
 
-def load_network(name, weights, device):
+def load_feature_network(name, weights, device):
     """One feature network by name, from `weights` (PATH|URL) or its default sources."""
     if name == 'inception':
         from metrics.detector import load_detector
@@ -55,7 +55,7 @@ def load_network(name, weights, device):
 def load_networks(which, weights, device):
     """{network name: module} for the metrics `which`; `weights`: {network name: PATH|URL or None}.
     The Inception Score's head is checked here, before any long feature pass."""
-    networks = {name: load_network(name, weights.get(name), device) for name in needed_networks(which)}
+    networks = {name: load_feature_network(name, weights.get(name), device) for name in needed_networks(which)}
     if 'is' in which:
         networks['inception'].require_logits()
     return networks

@@ -29,8 +29,7 @@ def read_weights_file(path, what):
         for key in ('state_dict', 'model'):  # common training-checkpoint wrappers
             if isinstance(tree, dict) and isinstance(tree.get(key), dict):
                 tree = tree[key]
-        from metrics.detector import collect_tensors  # (lazy: detector imports this module)
-        state = collect_tensors(tree, '', {})  # visited-set and node budget: shared or cyclic data stay cheap
+        state = safe_pickle.collect_tensors(tree, '', {})  # visited-set and node budget: shared or cyclic data stay cheap
     except Exception as err:  # nothing in the file runs, so any failure means a malformed or foreign file
         raise ValueError(f'{path}: cannot read {what} weights ({err.__class__.__name__}: {err})') from None
     if not state:

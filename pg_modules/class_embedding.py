@@ -2,7 +2,7 @@
 §2.3), and the one place that decides which table a run uses: `resolve_class_embedding`.
 
 The official conditional discriminator starts from a pretrained ImageNet table, `in_embeddings/
-tf_efficientnet_lite0.pkl` of the official repository (issue 13.1); `load_official_class_embedding` fetches it
+tf_efficientnet_lite0.pkl` of the official repository; `load_official_class_embedding` fetches it
 through the download cache from a pinned commit and checks its SHA-256.
 
 Accepted files, each holding a [N, 320] table (row k = class k):

@@ -54,7 +54,7 @@ def random_nhwc(num, seed, res=16, low=0):
 
 @pytest.fixture
 def networks(tmp_path, monkeypatch):
-    """suite.load_network → the stand-in Inception and tiny CLIP/DINOv2 read from the weight files given."""
+    """suite.load_feature_network → the stand-in Inception and tiny CLIP/DINOv2 read from the weight files given."""
     torch.manual_seed(0)
     import timm
     clip_path, dino_path = tmp_path / 'clip.pt', tmp_path / 'dinov2.pt'
@@ -64,13 +64,13 @@ def networks(tmp_path, monkeypatch):
     torch.save(dict(dino, mask_token=torch.zeros(1, 32)), dino_path)
     inception = StandInInception()
 
-    def load_network(name, weights, device):
+    def load_feature_network(name, weights, device):
         if name == 'inception':
             return inception
         if name == 'clip':
             return clip.load_clip(weights, device, **CLIP_TINY)
         return dinov2.load_dinov2(weights, device, **DINO_TINY)
-    monkeypatch.setattr(suite, 'load_network', load_network)
+    monkeypatch.setattr(suite, 'load_feature_network', load_feature_network)
     passes = []
     for cls in (fid.FolderImages, fid.NpzImages):
         original = cls.batches

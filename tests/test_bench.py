@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 from metrics import detector as detector_module
+from test_steps import images, make_stages  # noqa: F401  (toy G and D with a frozen feature part; a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {'d2o_iter_s', 'd2o_f_iter_s', 'd2o_peak_mb', 'd2o_f_peak_mb', 'small_d2o_iter_s', 'small_d2o_f_iter_s',
@@ -70,6 +73,22 @@ def test_the_training_benchmark_runs_the_loops_own_stages(monkeypatch):
     assert calls == ['g_main', 'd_main', 'real_features', 'd_main', 'r1']
     assert stepped == ['G', 'D', 'D', 'R1']
     assert 0 < r['g_trainable'] < r['g_params'] and len(r['samples']['iter']) == 1
+
+
+def test_d_grad_in_g_ablation_keeps_only_g_mains_d_weights_trainable(images):
+    """--d-grad-in-g (bench/train_step.py) is the loop's G main without its one toggle: D's trainable weights get
+    gradients there, G's gradients and step are the loop's, and D keeps its own requires_grad_ afterwards."""
+    from bench import train_step
+    plain, same = make_stages(), make_stages()
+    ablation = train_step.DGradInGStages(same.G, same.D, same.opt_g, same.opt_d, same.settings, same.guard)
+    for stages in (plain, ablation):
+        torch.manual_seed(1)  # the same latents
+        stages.g_main([(images, None)])
+    assert all(p.grad is None for p in plain.D.parameters())
+    assert all(p.grad is not None for p in ablation.D.head.parameters()) and ablation.D.feature.weight.grad is None
+    for a, b in zip(plain.G.parameters(), ablation.G.parameters()):
+        assert torch.equal(a, b) and torch.equal(a.grad, b.grad)
+    assert 'requires_grad_' not in vars(ablation.D)
 
 
 def test_sampling_and_fid_records(bench_out):

@@ -190,6 +190,21 @@ def test_own_snapshot_roundtrip_safe_and_in_plain_subprocess(tmp_path):
     assert np.array_equal(np.load(tmp_path / 'y.npy'), expected.detach().numpy())
 
 
+def test_cpu_copy_is_one_detached_eval_copy_with_ties_kept():
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(**TINY).train()
+    net.model.tied = net.model.map_layer0  # a module reached twice stays one module in the copy
+    snap = checkpoint.cpu_copy(net)
+    assert net.training and all(p.requires_grad for p in net.parameters())  # the live network is untouched
+    assert not snap.training and not any(p.requires_grad for p in snap.parameters())
+    assert snap.model.tied is snap.model.map_layer0
+    live, copied = net.state_dict(keep_vars=True), snap.state_dict(keep_vars=True)
+    assert live.keys() == copied.keys()
+    for name, value in live.items():
+        assert torch.equal(value, copied[name]) and value.data_ptr() != copied[name].data_ptr()
+        assert type(copied[name]) is type(value) and copied[name].device.type == 'cpu'
+
+
 def test_constructor_record_and_state_dict_load_with_weights_only(tmp_path):
     net = networks.D2OPrecond(**dict(TINY, use_fp16=True))
     record = checkpoint.network_constructor_record(net)

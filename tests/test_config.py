@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,21 @@ def test_the_papers_ten_runs_are_presets():
     assert PRESETS['cifar10-cond-d2o-f']['cond'] and PRESETS['cifar10-cond-d2o-f']['backbone'] == 1
     assert PRESETS['ffhq-d2o']['duration'] == 5 and PRESETS['ffhq-d2o-f']['duration'] == 10
     assert PRESETS['afhqv2-d2o']['transfer'].endswith('edm-afhqv2-64x64-uncond-ve.pkl')
+
+
+def test_train_sh_launches_each_preset_on_its_dataset(tmp_path):
+    """train.sh takes the dataset from the preset (its EDM teacher's data); an unknown run is a usage error."""
+    (tmp_path / 'torchrun').write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')  # stands in for torchrun: prints its args
+    (tmp_path / 'torchrun').chmod(0o755)
+    env = dict(os.environ, PATH=f'{tmp_path}:{os.environ["PATH"]}', DATA='/data')
+    dataset = dict(cifar10='cifar10-32x32', afhqv2='afhqv2-64x64', ffhq='ffhq-64x64', imagenet='imagenet-64x64')
+    for run in sorted(PRESETS):
+        result = subprocess.run(['bash', os.path.join(ROOT, 'train.sh'), run], env=env, capture_output=True, text=True)
+        assert result.returncode == 0 and f'--data=/data/{dataset[run.split("-")[0]]}.zip' in result.stdout.split()
+    result = subprocess.run(['bash', os.path.join(ROOT, 'train.sh'), 'mnist-d2o'], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and result.stdout == ''
+    assert result.stderr.startswith("Error: unknown run 'mnist-d2o'; expected one of afhqv2-d2o, afhqv2-d2o-f, ")
 
 
 def test_explicit_options_override_the_preset():

@@ -19,6 +19,7 @@ from metrics.feature_stats import rank_chunks
 from metrics.inception import resize_tf1_bilinear, tf1_bilinear_matrix
 from metrics.scores import knn_radii, squared_distances
 from torch_utils import distributed as dist
+from torch_utils import safe_pickle
 
 
 def random_stats(rng, dim, num):
@@ -227,8 +228,8 @@ def test_reads_a_real_persistence_pickle_by_attribute_path(fixtures_dir):
     """The same reader on a snapshot written by the original NVIDIA persistence code (shared fixtures)."""
     manifest = json.loads((fixtures_dir / 'manifest_d2o.json').read_text())['d2o_ncsnpp_uncond16']
     path = fixtures_dir / 'd2o_ncsnpp_uncond16.pkl'
-    with open(path, 'rb') as f:
-        tensors = detector_module.collect_tensors(detector_module.SafeUnpickler(f).load(), '', {})
+    tree = safe_pickle.load_path(path, detector_module.DETECTOR_GLOBALS, inert=safe_pickle.InertNode)
+    tensors = safe_pickle.collect_tensors(tree, '', {})
     ema = {name[len('ema.'):]: list(t.shape) for name, t in tensors.items() if name.startswith('ema.')}
     assert len(ema) == 215 and ema == manifest['state_dict']
     with pytest.raises(ValueError, match='no FID Inception weights'):

@@ -23,7 +23,8 @@ API (stable; other modules build on it):
   RestrictedUnpickler                the unpickler itself;
   Record                             base of the stand-ins an allow-list maps pickled classes to (BUILD stores);
   InertNode                          optional fallback for unknown globals (inspection-only uses);
-  TENSOR_GLOBALS, NUMPY_GLOBALS      allow-list building blocks: tensors/parameters/storages, numpy arrays/scalars.
+  TENSOR_GLOBALS, NUMPY_GLOBALS      allow-list building blocks: tensors/parameters/storages, numpy arrays/scalars;
+  collect_tensors(tree, ...)         {attribute path: tensor} of a loaded tree (FID and ViT weight files).
 Every error is a `pickle.UnpicklingError` whose message starts with the source (file name)."""
 import collections
 import importlib
@@ -46,7 +47,7 @@ STORAGE_DTYPES = {'FloatStorage': torch.float32, 'DoubleStorage': torch.float64,
                   'ShortStorage': torch.int16, 'CharStorage': torch.int8, 'ByteStorage': torch.uint8,
                   'BoolStorage': torch.bool, 'UntypedStorage': torch.uint8}
 MAX_OPCODES = 10_000_000  # ~100x the opcodes of a large EDM snapshot; bounds the time of one load
-MAX_OBJECTS = 10_000_000  # objects one walk of loaded data may visit (training/checkpoint.py, metrics/detector.py)
+MAX_OBJECTS = 10_000_000  # objects one walk of loaded data may visit (training/checkpoint.py, collect_tensors)
 MAX_PICKLE_BYTES = 1 << 30  # a zip's data.pkl (real ones are kilobytes to a few megabytes)
 ZIP_INFLATION, ZIP_SLACK = 8, 32 << 20  # members may inflate to 8x the archive + 32 MiB (torch stores them raw)
 READ_CHUNK = 1 << 20
@@ -605,3 +606,32 @@ def load_path(path, allowed, source=None, **kwargs):
     """`load` for a local file path; errors name `source` (default: the path)."""
     with open(path, 'rb') as f:
         return load(f, allowed, str(path) if source is None else source, **kwargs)
+
+
+def collect_tensors(obj, prefix, out, limit=MAX_OBJECTS):
+    """Flatten a tree of nodes/dicts into `{dotted attribute path: tensor}`; nn.Module instance dicts
+    contribute their `_parameters/_buffers/_modules` under the module's own path. Each node or dict is walked
+    once (the first path reaching it names its tensors), so shared or cyclic data cost their size, not their
+    paths; more than `limit` of them raise. Tensors are recorded under every path (tied weights keep both names)."""
+    stack, seen = [(obj, prefix)], set()
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, torch.Tensor):
+            out[path] = node
+            continue
+        if not isinstance(node, (InertNode, dict)) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if len(seen) > limit:
+            raise ValueError(f'more than {limit:,} nodes to search for tensors; refusing the file')
+        if isinstance(node, InertNode):
+            stack += [(node.items, path), (node.state, path)]  # popped in reverse: state first
+            continue
+        children = []
+        for key, value in node.items():
+            if key in ('_parameters', '_buffers', '_modules'):
+                children.append((value, path))
+            elif isinstance(key, str) and not key.startswith('_'):
+                children.append((value, f'{path}.{key}' if path else key))
+        stack += reversed(children)
+    return out

@@ -319,14 +319,19 @@ def load_network(source, key='ema', allow_unsafe_pickle=False):
     return net
 
 
+def cpu_copy(module):
+    """A deep copy of `module` in eval mode with its parameters (requires_grad False) and buffers copied straight
+    to the CPU: no second copy on the module's device (a snapshot of a GPU network costs no GPU memory)."""
+    memo = {id(b): b.detach().to('cpu', copy=True) for b in module.buffers()}
+    memo.update({id(p): torch.nn.Parameter(p.detach().to('cpu', copy=True), requires_grad=False)
+                 for p in module.parameters()})
+    return copy.deepcopy(module, memo).eval()
+
+
 def save_snapshot(path, snapshot):
     """Atomically pickle a snapshot dict in EDM's format (protocol 4, readable by EDM/D2O code and by our
-    safe loader). Modules are stored as CPU copies in eval mode with requires_grad False."""
-    def prepare(obj):
-        if isinstance(obj, torch.nn.Module):
-            return copy.deepcopy(obj).eval().requires_grad_(False).cpu()
-        return obj
-    data = {key: prepare(value) for key, value in snapshot.items()}
+    safe loader). Modules are stored as `cpu_copy`s (the one copy: callers pass their live networks)."""
+    data = {key: cpu_copy(value) if isinstance(value, torch.nn.Module) else value for key, value in snapshot.items()}
     with dnnlib.util.atomic_write(path) as f:
         pickle.dump(data, f, protocol=4)
 

@@ -1,4 +1,4 @@
-"""Building the generator G of a run from explicit fields (issue 14.2): the architecture tables, the
+"""Building the generator G of a run from explicit fields: the architecture tables, the
 preconditioner, the precision, and the teacher → generator transfer (docs/method.md §2, §4).
 
 `build_generator(cfg, dataset, log)` is the one entry point the training loop calls. Every choice it makes
@@ -74,7 +74,7 @@ def choose_preconditioner(cfg):
 
 
 def use_fp16_for(cfg):
-    """`use_fp16` of G comes from `--precision`, never from the teacher's pickle (issue 13.2): bf16 runs the
+    """`use_fp16` of G comes from `--precision`, never from the teacher's pickle: bf16 runs the
     U-Net in bfloat16 on CUDA (EDM/D2O wrappers' half dtype; docs/method.md §9), fp32 keeps it float32."""
     if cfg.precision not in ('fp32', 'bf16'):
         raise ValueError(f'--precision={cfg.precision}: expected fp32 or bf16')

@@ -28,14 +28,8 @@ R1_INTERVAL = 16  # lazy R1 every 16th iteration with its loss multiplied by 16 
 # The official D returns its logits as 2·B_gpu separate rows, so every adversarial loss is effectively
 # B_gpu · Σ_k mean_{b,j} f(ℓ_k[b,j]) (per-backbone means summed, whatever N_k), while R1 is a plain batch
 # mean. The adversarial-vs-R1 balance therefore depends on the per-GPU batch. Here the factor is an explicit
-# `adv_scale`: loss = adv_scale · Σ_k mean f(ℓ_k). adv_scale = official_adv_scale(batch, num_gpus) reproduces
-# a given official run; the paper's runs used 8 GPUs (batch 256 → 32, ImageNet 512 → 64).
-
-def official_adv_scale(batch, num_gpus):
-    """The official code's implicit adversarial factor: the per-GPU batch."""
-    if num_gpus < 1 or batch % num_gpus:
-        raise ValueError(f'official_adv_scale: batch {batch} must split evenly over {num_gpus} GPU(s)')
-    return batch // num_gpus
+# `adv_scale`: loss = adv_scale · Σ_k mean f(ℓ_k). The official run on G GPUs had adv_scale = batch / G; the
+# default (training/config.py, batch / PAPER_NUM_GPUS) and the presets use the paper's 8 GPUs (256 → 32, 512 → 64).
 
 
 def _adversarial(logits, term):
@@ -101,7 +95,7 @@ def r1_features(D, real_img):
     """R1's input: the reals as a fresh leaf requiring grad and D's frozen features of it with the graph to
     the leaf. When D augments (diffaug), the features are of DiffAugmented reals, as the official R1 runs D's
     full forward on them; the gradient is still taken w.r.t. the un-augmented leaf, through the augmentation
-    (docs/method.md §5, §10; issue 13.4). DiffAugment draws from torch's default generator here.
+    (docs/method.md §5, §10). DiffAugment draws from torch's default generator here.
     Pass the pair to r1_penalty, and, only when D does not augment, to discriminator_loss when both stages run
     in one iteration, to compute the frozen feature networks once on the reals."""
     x = real_img.detach().float().requires_grad_(True)

@@ -14,6 +14,10 @@ SIGMA_MIN = 0.002
 RHO = 7
 MIDDLE_SIGMA = 0.8
 
+# A sample's seed: its latent comes from torch.Generator().manual_seed(seed), which takes the seed mod 2³², so
+# larger seeds would alias smaller ones. EDM's generate.py takes seeds < 2³² too (docs/edm-networks.md §6). The
+# training --seed is a different number with its own bound (training/config.py: the per-rank seeds are mod 2³¹).
+MAX_SEED = (1 << 32) - 1
 GENERATOR_CLASS = 'D2OPrecond'  # networks sampled with the generator schedule by default
 DEFAULT_STEPS = {'heun': 18, 'euler': 18, 'onestep': 1, 'multistep': 2}
 SAMPLERS = tuple(DEFAULT_STEPS)
@@ -104,7 +108,7 @@ class StackedRandomGenerator:
 
     def __init__(self, device, seeds):
         self.device = torch.device(device)
-        self.generators = [torch.Generator(self.device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+        self.generators = [torch.Generator(self.device).manual_seed(int(seed) % (MAX_SEED + 1)) for seed in seeds]
 
     def randn(self, size, **kwargs):
         assert size[0] == len(self.generators)

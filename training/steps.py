@@ -74,7 +74,7 @@ class NonFiniteGuard:
     `max_nonfinite` in a row abort with FloatingPointError.
 
     `where()` names the current position for messages; `last_state()` returns the newest training state
-    on disk or None, so the abort message points only to a state that exists (issue 12.12)."""
+    on disk or None, so the abort message points only to a state that exists (docs/method.md §4)."""
 
     def __init__(self, max_nonfinite, log=print, where=lambda: '', last_state=lambda: None):
         self.max_nonfinite, self.log, self.where, self.last_state = max_nonfinite, log, where, last_state
@@ -148,8 +148,8 @@ class GanStages:
     """G main → D main → (every 16th iteration) lazy R1 on one process's micro-batches `[(real, labels), ...]`.
 
     `autocast` wraps the generator's forward (D and R1 run in float32 inside the losses); `record(stats)`
-    receives each round's detached statistics. `d_grad_in_g` exists for the benchmark's ablation only.
-    With `settings.cd_weight > 0`, G main adds the CD loss against the frozen diffusion `teacher`."""
+    receives each round's detached statistics. With `settings.cd_weight > 0`, G main adds the CD loss against
+    the frozen diffusion `teacher`."""
 
     def __init__(self, G, D, opt_g, opt_d, settings, guard, world=1, autocast=None, record=lambda stats: None,
                  teacher=None, lpips=None):
@@ -160,7 +160,6 @@ class GanStages:
         self.settings, self.guard, self.world, self.record = settings, guard, world, record
         self.autocast = autocast or contextlib.nullcontext()
         self.d_params = optimizer_params(opt_d)
-        self.d_grad_in_g = False
 
     def r1_due(self, batch_idx):
         return self.settings.r1_gamma > 0 and batch_idx % R1_INTERVAL == 0 and batch_idx != 0
@@ -169,8 +168,7 @@ class GanStages:
         """Fakes from fresh noise with gradients through D; D's weights get no gradients (saves their
         weight gradients, docs/method.md §5)."""
         s = self.settings
-        if not self.d_grad_in_g:
-            self.D.requires_grad_(False)
+        self.D.requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
         for real, labels in batches:
             with self.autocast:
