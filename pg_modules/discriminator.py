@@ -18,7 +18,7 @@ from .projector import CSM_CHANNELS
 # Mini-disc widths by feature resolution. When the D input is resized to 224 (or never resized, interp224 on)
 # the official sizes the discs for a declared 256² input (projected maps at 128, 64, 32, 16), whatever the real
 # sizes: 4, 3, 2, 1 down-blocks down to 8, then the head (docs/method.md §10). With interp224 off they are sized
-# from the maps' measured sizes instead (issue 13.3; see ProjectedDiscriminator).
+# from the maps' measured sizes instead (docs/method.md §10; see ProjectedDiscriminator).
 NFC = {1: 2048, 2: 1024, 4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
 DECLARED_RES = [128, 64, 32, 16]
 END_RES = 8
@@ -38,7 +38,7 @@ def nearest_start_res(size):
 class GroupBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics come from fixed groups of `group` consecutive samples (ghost
     batch norm), so a D step normalises like `batch / group` processes of `group` samples each, whatever the
-    process count (issue 13.5; the official D normalises over the per-GPU batch, docs/method.md §5).
+    process count (the official D normalises over the per-GPU batch, docs/method.md §5).
     group=None: plain BatchNorm2d over the whole batch (the official behaviour at any per-process batch).
 
     Each group goes through F.batch_norm on its own, the very call a process holding that group would make, so
@@ -171,7 +171,7 @@ class ProjectedDiscriminator(nn.Module):
         """Per level, the resolution its mini-disc is built for. Resized to 224 (or interp224 on): the official
         declared sizes. interp224 off: the official nearest-NFC-key rule applied to the projected maps' measured
         size at `img_resolution` instead of the declared one, so every disc ends at 8×8 or less before its 4×4
-        head (issue 13.3); maps too small for that head are refused with a clear error."""
+        head (docs/method.md §10); maps too small for that head are refused with a clear error."""
         if interp224 or net.body.always_resize:
             return DECLARED_RES
         if img_resolution is None:

@@ -156,7 +156,7 @@ def make_config(preset=None, **explicit):
 CHOICES = dict(loss=('d2o', 'edm', 'vp', 've'), precond=('d2o', 'edm', 'vp', 've'),
                arch=(None, 'ddpmpp', 'ncsnpp', 'adm'), loss_type=tuple(LOSS_TYPES), precision=('fp32', 'bf16'),
                cd_distance=('l2', 'pseudo_huber', 'lpips'))
-MAX_SEED = 2 ** 31 - 1  # per-rank seeds are (seed·world + rank) mod 2³¹ (docs/method.md §4)
+MAX_TRAIN_SEED = 2 ** 31 - 1  # train.py --seed; per-rank seeds are (seed·world + rank) mod 2³¹ (docs/method.md §4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +185,8 @@ def _check_choices(cfg):
 
 
 def _check_numbers(cfg):
-    if not 0 <= cfg.seed <= MAX_SEED:
-        raise ValueError(f'--seed={cfg.seed}: expected an integer in 0..{MAX_SEED}')
+    if not 0 <= cfg.seed <= MAX_TRAIN_SEED:
+        raise ValueError(f'--seed={cfg.seed}: expected an integer in 0..{MAX_TRAIN_SEED}')
     if not cfg.middle_sigma > 0 or not math.isfinite(cfg.middle_sigma):
         raise ValueError(f'--middle-sigma={cfg.middle_sigma}: expected a finite noise level > 0')
     positive = dict(batch=cfg.batch, duration=cfg.duration, lr=cfg.lr, dlr=cfg.dlr, tick=cfg.tick, snap=cfg.snap,

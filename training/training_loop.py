@@ -315,8 +315,8 @@ class RunOutputs:
             check_ranks_identical(list(s.G.state_dict().values()) + list(s.G_ema.state_dict().values()) +
                                   (list(s.D.parameters()) if s.D is not None else []), self.log)
         if self.rank == 0:
-            snap = dict(ema=copy.deepcopy(s.G_ema).cpu(), net=copy.deepcopy(s.G).eval().requires_grad_(False).cpu(),
-                        augment_pipe=None, dataset_kwargs=self.dataset.dataset_kwargs())
+            snap = dict(ema=s.G_ema, net=s.G, augment_pipe=None,  # save_snapshot copies each to the CPU once
+                        dataset_kwargs=self.dataset.dataset_kwargs())
             with rundir.saving(self.path(f'network-snapshot-{self.tag()}.pkl')) as path:
                 checkpoint.save_snapshot(path, snap)
             images = self.sample(list(range(self.cfg.grid_seeds)), self.cfg.batch_gpu)
