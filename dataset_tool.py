@@ -71,10 +71,10 @@ def iterate_cifar10(path, split='train'):
 
 @contextlib.contextmanager
 def _naming_errors(path, expected):
-    """Decompression errors (tar, gzip) do not say which file; these do."""
+    """Decompression errors (tar, gzip, zip) do not say which file; these do."""
     try:
         yield
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zipfile.BadZipFile, NotImplementedError) as err:
         raise click.ClickException(f'{path}: cannot read it ({err.__class__.__name__}: {err}); expected the '
                                    f'{expected}') from None
 
@@ -114,10 +114,10 @@ def read_mnist_pickle(path):
         parts = load_numpy_pickle(f, path)
     try:
         (x_train, y_train), (x_val, y_val), (x_test, y_test) = parts
-    except (TypeError, ValueError):
+        splits = {'train': (np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])),
+                  'test': (np.asarray(x_test), np.asarray(y_test))}
+    except (TypeError, ValueError):  # (ValueError also: arrays of other ranks than MNIST's, found by fuzzing)
         raise click.ClickException(f'{path}: not the MNIST pickle ((train, val, test) pairs of arrays)') from None
-    splits = {'train': (np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])),
-              'test': (np.asarray(x_test), np.asarray(y_test))}
     for split, (pixels, labels) in splits.items():
         levels = np.asarray(pixels, dtype=np.float64) * 256  # stored as k/256, k = 0..255: exact in float32
         if pixels.shape != (MNIST_SPLIT_SIZES[split], 28 * 28) or labels.shape != pixels.shape[:1] \
@@ -152,7 +152,7 @@ def folder_class_labels(source, names):
 def iterate_images(source, folder_labels):
     """(uint8 HWC image, label or None, name) from a folder or an EDM zip (labels from its dataset.json)."""
     if os.path.isfile(source) and zipfile.is_zipfile(source):
-        with zipfile.ZipFile(source) as zf:
+        with _naming_errors(source, 'EDM dataset zip'), zipfile.ZipFile(source) as zf:
             names = sorted(n for n in zf.namelist() if is_image_file(n))
             labels = read_labels_json(read_zip_member(zf, 'dataset.json', f'{source}: dataset.json', MAX_JSON_BYTES),
                                       source) if 'dataset.json' in zf.namelist() else None

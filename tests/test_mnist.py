@@ -79,3 +79,13 @@ def test_mnist_reader_refuses_code(tmp_path):
     path.write_bytes(gzip.compress(pickle.dumps(((Evil(), None), (None, None), (None, None)), protocol=2)))
     with pytest.raises(pickle.UnpicklingError, match=r'evil.pkl.gz: .*__builtin__.print'):
         dataset_tool.read_mnist_pickle(path)
+
+
+def test_mnist_reader_names_the_file_for_arrays_of_other_ranks(tmp_path):
+    """Train and validation arrays of different ranks (found by the fuzzing harness: a bare numpy ValueError)."""
+    path = tmp_path / 'ranks.pkl.gz'
+    pair = (np.zeros((2, 784), np.float32), np.zeros(2, np.int64))
+    path.write_bytes(gzip.compress(pickle.dumps(((np.zeros((1,) * 8), pair[1]), pair, pair), protocol=2)))
+    with pytest.raises(Exception) as err:
+        dataset_tool.read_mnist_pickle(path)
+    assert str(err.value) == f'{path}: not the MNIST pickle ((train, val, test) pairs of arrays)'

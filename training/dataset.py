@@ -208,7 +208,8 @@ class ImageFolderDataset:
             self._type = 'zip'
             try:
                 names = self._get_zipfile().namelist()
-            except (zipfile.BadZipFile, OSError) as err:
+            except (zipfile.BadZipFile, OSError, NotImplementedError, UnicodeDecodeError) as err:  # (a zip version
+                # or a member name zipfile cannot read: fuzz findings)
                 raise ValueError(f'{self.path}: corrupt zip archive ({err})') from None
         else:
             raise FileNotFoundError(f'{self.path}: dataset path does not exist')
