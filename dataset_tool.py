@@ -60,7 +60,8 @@ def iterate_cifar10(path, split='train'):
         try:
             images = np.asarray(data['data'], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             labels = [int(label) for label in data['labels']]
-        except (TypeError, KeyError, ValueError, IndexError):  # (IndexError: a batch that is an array, not a dict)
+        except (TypeError, KeyError, ValueError, IndexError, OverflowError):  # (fuzz findings: a batch that is an
+            # array, not a dict; integers too large for uint8's conversion)
             images, labels = [], None
         if labels is None or len(labels) != len(images):
             raise click.ClickException(f'{path}: {name} is not a CIFAR-10 batch (a dict of "data": N x 3072 bytes '

@@ -123,11 +123,14 @@ def test_cifar_unpickler_refuses_code(tmp_path):
         list(dataset_tool.iterate_cifar10(path))
 
 
-def test_cifar_batch_that_is_not_a_dict_is_one_clear_error(tmp_path):
-    """A batch pickling a bare array instead of {"data", "labels"} (found by the fuzzing harness)."""
+@pytest.mark.parametrize('batch', [np.zeros((2, 3072), np.uint8), {'data': [[2 ** 70] * 3072], 'labels': [0]}],
+                         ids=['array', 'huge-int'])
+def test_cifar_batch_of_the_wrong_kind_is_one_clear_error(tmp_path, batch):
+    """A batch pickling a bare array instead of {"data", "labels"}, or integers too large for uint8 (both found
+    by the fuzzing harness, as IndexError / OverflowError tracebacks)."""
     path = tmp_path / 'cifar-10-python.tar.gz'
     with tarfile.open(path, 'w:gz') as tar:
-        payload = pickle.dumps(np.zeros((2, 3072), np.uint8), protocol=2)
+        payload = pickle.dumps(batch, protocol=2)
         info = tarfile.TarInfo('cifar-10-batches-py/test_batch')
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
