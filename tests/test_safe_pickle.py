@@ -159,3 +159,16 @@ def test_torchscript_archives_are_refused_or_read_as_data_only(tmp_path):
     tree = safe_pickle.load_path(path, TENSORS, inert=safe_pickle.InertNode, torchscript_data=True)
     assert torch.equal(tree.state['weight'], torch.arange(3.0))  # the module's data, its code never loaded
     assert not safe_pickle.is_torchscript(['state/data.pkl', 'state/data/0', 'state/version'])
+
+
+def test_weights_only_failures_become_their_one_line_reason():
+    """torch.load(weights_only=True) explains a refusal in a page of advice (found by the fuzzing harness as a
+    multi-line error); the project's messages keep only torch's reason."""
+    import datetime
+    saved = io.BytesIO()
+    torch.save({'a': datetime.date(2020, 1, 1)}, saved)
+    with pytest.raises(pickle.UnpicklingError) as err:
+        torch.load(io.BytesIO(saved.getvalue()), weights_only=True)
+    assert len(str(err.value).splitlines()) > 3
+    reason = safe_pickle.weights_only_reason(err.value)
+    assert '\n' not in reason and 'datetime.date' in reason and 'Check the documentation' not in reason, reason

@@ -163,7 +163,8 @@ def weights_only_reason(err):
     after 'WeightsUnpickler error:'."""
     text = str(err)
     reason = text.split('WeightsUnpickler error:', 1)[1] if 'WeightsUnpickler error:' in text else text
-    return ' '.join(reason.split()[:60]) or type(err).__name__
+    lines = [line for line in reason.splitlines() if line.strip()]
+    return ' '.join((lines[0] if lines else '').split()[:60]) or type(err).__name__
 
 
 def storage_from_legacy_bytes(data):
@@ -174,7 +175,10 @@ def storage_from_legacy_bytes(data):
     declared = _declared_legacy_bytes(data)
     if declared > len(data):  # torch would reserve the declared size before reading a byte
         raise pickle.UnpicklingError(f'storage payload declares {declared:,} bytes of data but holds {len(data):,}')
-    storage = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    try:
+        storage = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's message is a page of advice: keep its reason, one line
+        raise pickle.UnpicklingError(f'storage payload: {weights_only_reason(err)}') from None
     if not isinstance(storage, torch.storage.TypedStorage):
         raise pickle.UnpicklingError(f'storage payload holds a {type(storage).__name__}, not a storage')
     return storage
@@ -583,7 +587,7 @@ def load(file, allowed, source='<stream>', inert=None, hint='', torchscript_data
                                          f'{head!r})' if head else TRUNCATED)
         return RestrictedUnpickler(file, allowed, source, inert=inert, hint=hint, encoding=encoding).load()
     except pickle.UnpicklingError as err:
-        message = str(err)
+        message = ' '.join(str(err).split())  # one line, whatever raised it
         if message in ('pickle data was truncated', 'pickle exhausted before end of frame'):
             message = TRUNCATED
         raise pickle.UnpicklingError(message if message.startswith(source) else f'{source}: {message}') from None
