@@ -172,3 +172,23 @@ def test_weights_only_failures_become_their_one_line_reason():
     assert len(str(err.value).splitlines()) > 3
     reason = safe_pickle.weights_only_reason(err.value)
     assert '\n' not in reason and 'datetime.date' in reason and 'Check the documentation' not in reason, reason
+
+
+def test_legacy_storage_payload_naming_a_missing_storage_is_one_line():
+    """A nested legacy torch.save stream whose key list names a storage it never defined: torch's reader fails
+    by AssertionError (found by the fuzzing harness as a traceback)."""
+    import re
+    import warnings
+    saved = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # TypedStorage is deprecated; EDM's pickles hold exactly these
+        torch.save(torch.zeros(4).storage(), saved, _use_new_zipfile_serialization=False)
+    data = saved.getvalue()
+    assert isinstance(safe_pickle.storage_from_legacy_bytes(data), torch.storage.TypedStorage)
+    key = re.findall(rb'\d{6,}', data)[0]
+    at = data.rfind(key)  # the trailing list of storage keys
+    forged = data[:at] + b'9' * len(key) + data[at + len(key):]
+    with pytest.raises(pickle.UnpicklingError) as err:
+        safe_pickle.storage_from_legacy_bytes(forged)
+    assert str(err.value) == f"storage payload: AssertionError: storage key '{'9' * len(key)}' not found in " \
+                             f"deserialized_objects"

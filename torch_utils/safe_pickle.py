@@ -177,8 +177,9 @@ def storage_from_legacy_bytes(data):
         raise pickle.UnpicklingError(f'storage payload declares {declared:,} bytes of data but holds {len(data):,}')
     try:
         storage = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as err:  # torch's message is a page of advice: keep its reason, one line
-        raise pickle.UnpicklingError(f'storage payload: {weights_only_reason(err)}') from None
+    except Exception as err:  # noqa: BLE001 — nothing runs (weights_only), so any failure is a malformed payload
+        # (torch's legacy reader also fails by AssertionError); its message is a page of advice: keep the reason
+        raise pickle.UnpicklingError(f'storage payload: {type(err).__name__}: {weights_only_reason(err)}') from None
     if not isinstance(storage, torch.storage.TypedStorage):
         raise pickle.UnpicklingError(f'storage payload holds a {type(storage).__name__}, not a storage')
     return storage
