@@ -384,12 +384,49 @@ class TickReporter:
 
 # ----------------------------------------------------------------------------------------------
 
+def record_options(cfg, plan, state, outputs, resume_path):
+    """training_options.json (rank 0) with the trainable share; a resumed run drops stats.jsonl lines past its
+    state. Returns the record (states carry it too)."""
+    trainable = sum(p.numel() for p in steps.optimizer_params(state.opt_G))
+    options = config.options_record(cfg, plan, run_dir=outputs.run_dir, resumed_from=resume_path,
+                                    trainable_share=trainable / sum(p.numel() for p in state.G.parameters()),
+                                    d_weights_info=getattr(state.D, 'weights_info', None))
+    if dist.rank() == 0:
+        write_json(outputs.path('training_options.json'), options)
+        if resume_path:
+            rundir.truncate_jsonl_after(outputs.path('stats.jsonl'), state.cur_nimg / 1000)
+    return options
+
+
+def objective_name(cfg):
+    if cfg.loss != 'd2o':
+        return cfg.loss.upper() + ' diffusion'
+    return 'CD' if cfg.cd_only else 'D2O + CD' if cfg.cd_weight else 'D2O'
+
+
+def end_tick(cfg, state, outputs, reporter, options, done, interrupted, signum):
+    """The end of a tick: report, snapshot, dump, evaluate; when the ranks agreed to stop (`interrupted`; this
+    rank's own `signum` may be None), save and raise Interrupted (no time for metrics)."""
+    outputs.stats(reporter.report())
+    snapshot = done or interrupted or state.cur_tick % cfg.snap == 0
+    if snapshot:
+        outputs.snapshot()
+    if done or interrupted or (state.cur_tick % cfg.dump == 0 and state.cur_tick != 0):
+        outputs.dump(options)
+    if snapshot and not interrupted and (state.cur_tick != 0 or cfg.metrics_at_start):
+        outputs.metrics()
+    if interrupted:
+        outputs.log(f'Interrupted by signal {signum}: state saved at {state.cur_nimg / 1000:.3f} kimg; '
+                    f'continue with --resume={outputs.run_dir}')
+        raise Interrupted(signum, outputs.run_dir)
+    state.cur_tick += 1
+
+
 def run(cfg):
     """Train as `cfg` says; returns the run directory. Raises Interrupted after saving on SIGINT/SIGTERM."""
     device = setup_device(cfg.device)
     rank, world = dist.rank(), dist.world_size()
     cfg, plan = config.resolve(cfg, world)  # every option conflict surfaces here, before any file is read
-    gan = cfg.loss == 'd2o'
     log = dist.print0
     resume_path, saved, resume_notes = find_resume(cfg, log)
     torch.manual_seed(cfg.seed)  # networks (and D's random projections) from the run seed: identical on every rank
@@ -411,14 +448,7 @@ def run(cfg):
         if saved:
             log(f'Resumed from {resume_path} at {state.cur_nimg / 1000:.3f} kimg')
         outputs = RunOutputs(cfg, plan, run_dir, dataset, state, device, log, last_state=resume_path)
-        trainable = sum(p.numel() for p in steps.optimizer_params(state.opt_G))
-        options = config.options_record(cfg, plan, run_dir=run_dir, resumed_from=resume_path,
-                                        trainable_share=trainable / sum(p.numel() for p in state.G.parameters()),
-                                        d_weights_info=getattr(state.D, 'weights_info', None))
-        if rank == 0:
-            write_json(outputs.path('training_options.json'), options)
-            if saved:
-                rundir.truncate_jsonl_after(outputs.path('stats.jsonl'), state.cur_nimg / 1000)
+        options = record_options(cfg, plan, state, outputs, resume_path)
         data = micro_batches(dataset, cfg, plan, state.batch_idx, device)
         seed_this_rank(cfg.seed)
         if saved:
@@ -426,9 +456,7 @@ def run(cfg):
         reporter = TickReporter(state, plan.total_nimg, device, guard, disable=rank != 0)
         stages = make_stages(cfg, state, guard, device, reporter.stats.add, teacher, lpips)
 
-        objective = ('CD' if cfg.cd_only else 'D2O + CD' if cfg.cd_weight else 'D2O') if gan else \
-            cfg.loss.upper() + ' diffusion'
-        log(f'Training for {plan.total_nimg / 1000:g} kimg ({objective}) ...')
+        log(f'Training for {plan.total_nimg / 1000:g} kimg ({objective_name(cfg)}) ...')
         done = state.cur_nimg >= plan.total_nimg
         first_tick = saved is None
         while not done:
@@ -445,21 +473,8 @@ def run(cfg):
             if not (done or interrupted or first_tick or reporter.due(cfg.tick)):
                 continue
 
-            # Tick: report, snapshot, dump, evaluate.
             first_tick = False
-            outputs.stats(reporter.report())
-            snapshot = done or interrupted or state.cur_tick % cfg.snap == 0
-            if snapshot:
-                outputs.snapshot()
-            if done or interrupted or (state.cur_tick % cfg.dump == 0 and state.cur_tick != 0):
-                outputs.dump(options)
-            if snapshot and not interrupted and (state.cur_tick != 0 or cfg.metrics_at_start):
-                outputs.metrics()  # not after a signal: no time for metrics
-            if interrupted:
-                log(f'Interrupted by signal {stop.signum}: state saved at {state.cur_nimg / 1000:.3f} kimg; '
-                    f'continue with --resume={run_dir}')
-                raise Interrupted(stop.signum, run_dir)
-            state.cur_tick += 1
+            end_tick(cfg, state, outputs, reporter, options, done, interrupted, stop.signum)
         reporter.bar.close()
         log('Exiting...')
         return run_dir
