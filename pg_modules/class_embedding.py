@@ -38,7 +38,7 @@ class _ModuleRecord(safe_pickle.Record):
 def _dill_load_type(name):
     # dill pickles the builtin `set` type as dill._dill._load_type('set'); nothing else is needed.
     if name != 'set':
-        raise pickle.UnpicklingError(f'dill._dill._load_type({name!r}) is not allowed (only set)')
+        raise pickle.UnpicklingError(f'dill._dill._load_type({safe_pickle.short_repr(name)}) is not allowed (only set)')
     return set
 
 

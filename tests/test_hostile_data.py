@@ -345,6 +345,17 @@ def test_zip_member_declaring_more_compressed_bytes_than_the_archive_is_refused_
                                          f'compressed bytes in an archive of {len(data):,} bytes'), err
 
 
+def test_file_names_with_control_characters_are_refused(tmp_path):
+    """A member named '00\\n00/img.png' split every message naming it over two lines (found by fuzzing)."""
+    path = tmp_path / 'names.zip'
+    with zipfile.ZipFile(path, 'w') as zf:
+        zf.writestr('00\n00/img00000000.png', png_bytes(good_images()[0]))
+    with pytest.raises(ValueError) as err:
+        ImageFolderDataset(path)
+    assert str(err.value) == (f"{path}: file name '00\\n00/img00000000.png' has control characters; expected plain "
+                              f"file names")
+
+
 def test_dataset_json_with_a_duplicate_or_a_stray_label_is_refused(tmp_path):
     images = good_images(2)
     for labels, message in (([['a.png', 0], ['a.png', 1], ['b.png', 0]],

@@ -352,3 +352,16 @@ def test_record_with_attribute_names_that_are_not_strings_is_one_line():
     with pytest.raises(ValueError) as err:
         checkpoint._materialize(data, 'f.pkl')
     assert str(err.value) == ('f.pkl: model has attribute names that are not strings or _modules that is not a dict')
+
+
+def test_refusals_print_shared_structures_briefly():
+    """A refusal naming a 64-level shared list (a few hundred bytes as a pickle) printed it with repr, which is
+    exponential in the depth (found by the fuzzing harness as a timeout); messages use a bounded repr."""
+    from pg_modules import class_embedding
+    tower = []
+    for _ in range(64):
+        tower = [tower, tower]
+    with pytest.raises(pickle.UnpicklingError) as err:
+        class_embedding._dill_load_type(tower)
+    assert len(str(err.value)) < 300 and str(err.value).startswith('dill._dill._load_type([[[[...]')
+    assert len(checkpoint._short(tower)) < 200

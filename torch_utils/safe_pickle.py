@@ -57,6 +57,12 @@ _short = reprlib.Repr()
 _short.maxstring, _short.maxother, _short.maxlevel, _short.maxtuple, _short.maxlist = 60, 60, 3, 10, 10
 
 
+def short_repr(value):
+    """repr bounded in length and depth, for messages about untrusted data (a plain repr of a shared
+    structure is exponential in its depth: a 500-byte pickle could take hours to print)."""
+    return _short.repr(value)
+
+
 class Record:
     """Base of the stand-ins an allow-list maps a pickled class to (e.g. a torch.nn container): NEWOBJ makes an
     empty one and BUILD may only store a plain dict as `state`. Nothing of the class it stands for runs."""

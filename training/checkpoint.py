@@ -160,7 +160,7 @@ def _check_bound(name, value):
         length = CONSTRUCTOR_LIST_LENGTHS.get(name, MAX_CONSTRUCTOR_LIST)
         if len(value) > length:
             return f'has {len(value)} entries (at most {length})'
-        return next((f'entry {v!r} is not a number in [0, {limit}]' for v in value if isinstance(v, bool) or
+        return next((f'entry {_short(v)} is not a number in [0, {limit}]' for v in value if isinstance(v, bool) or
                      not isinstance(v, (int, float)) or not 0 <= v <= limit), None)
     if value is None or isinstance(value, (bool, float, np.floating)):
         return None
@@ -200,7 +200,7 @@ def _check_constructor_record(class_name, args, kwargs, source):
 
 
 def _short(value):
-    return safe_pickle._short.repr(value)
+    return safe_pickle.short_repr(value)
 
 
 def _rebuild_network(node, source):
@@ -312,7 +312,7 @@ def load_network(source, key='ema', allow_unsafe_pickle=False):
     if key not in snapshot:
         hint = ('; it is a training state of train.py: sample from a network-snapshot-*.pkl of the same run'
                 if 'G_record' in snapshot else '')
-        raise KeyError(f'{source}: snapshot has no {key!r}; it holds {sorted(snapshot)}{hint}')
+        raise KeyError(f'{source}: snapshot has no {key!r}; it holds {_short(list(snapshot))}{hint}')
     net = snapshot[key]
     if not isinstance(net, torch.nn.Module):
         raise ValueError(f'{source}: {key!r} is {_short(net)}, not one of the networks {sorted(NETWORK_CLASSES)}')

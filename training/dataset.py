@@ -213,6 +213,10 @@ class ImageFolderDataset:
                 raise ValueError(f'{self.path}: corrupt zip archive ({err})') from None
         else:
             raise FileNotFoundError(f'{self.path}: dataset path does not exist')
+        unprintable = next((n for n in names if not n.isprintable()), None)
+        if unprintable is not None:  # (a newline in a name would split every message that names the file)
+            raise ValueError(f'{self.path}: file name {ascii(unprintable)[:100]} has control characters; expected '
+                             f'plain file names')
         self._all_names = set(names)
         self._image_names = sorted(n for n in names if is_image_file(n))
         if not self._image_names:
