@@ -24,7 +24,6 @@ from torch_utils import safe_pickle
 from training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, '..', 'shared', 'fixtures', 'checkpoints')
 MULTIARRAY = safe_pickle._multiarray()
 NUMPY = {**safe_pickle.TENSOR_GLOBALS, **safe_pickle.NUMPY_GLOBALS}
 
@@ -320,8 +319,8 @@ def snapshot_with(tmp_path, net, **changes):
     return path
 
 
-def test_constructor_records_are_bounded_before_building(tmp_path):
-    net = checkpoint.load_network(os.path.join(FIXTURES, 'edm_vp_ddpmpp_cond16.pkl'))
+def test_constructor_records_are_bounded_before_building(tmp_path, fixtures_dir):
+    net = checkpoint.load_network(str(fixtures_dir / 'edm_vp_ddpmpp_cond16.pkl'))
     for changes, message in [(dict(num_blocks=4000), r'num_blocks=4000 is out of bounds \(expected 0\.\.16\)'),
                              (dict(channel_mult=[1] * 1000), 'channel_mult=.* has 1000 entries'),
                              (dict(model_channels=1024, channel_mult=[16, 16, 16, 16]),
