@@ -160,7 +160,8 @@ def load_reference(path_or_url):
         try:
             oversized = oversized_array(f)
             arrays = None if oversized else read_arrays(f)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, KeyError) as err:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, KeyError) as err:
+            # (RuntimeError: zipfile's "encrypted, password required" and "compression method not supported")
             raise ValueError(f'{path_or_url}: not a readable reference .npz ({err.__class__.__name__}: '
                              f'{err})') from None
     if oversized:

@@ -211,3 +211,18 @@ def test_complex_statistics_are_refused(tmp_path):
         with pytest.raises(ValueError) as info:
             metrics.load_ref_stats(str(path))
     assert str(info.value) == f'{path}: `mu` must be a real float array, got complex128'
+
+
+def test_reference_with_an_encrypted_member_is_one_line(tmp_path):
+    """zipfile refuses an encrypted member with a RuntimeError (found by the fuzzing harness as a traceback)."""
+    path = tmp_path / 'ref.npz'
+    np.savez(path, mu=np.zeros(2048), sigma=np.eye(2048))
+    data = bytearray(path.read_bytes())
+    for signature, flags in ((b'PK\x03\x04', 6), (b'PK\x01\x02', 8)):  # local and central headers: bit 0 = encrypted
+        at = data.find(signature)
+        data[at + flags] |= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError) as err:
+        reference.load_ref_stats(str(path))
+    assert str(err.value).startswith(f'{path}: not a readable reference .npz (RuntimeError: ') and \
+        'encrypted' in str(err.value) and '\n' not in str(err.value)

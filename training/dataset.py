@@ -101,8 +101,8 @@ def read_zip_member(archive, name, label, limit=MAX_IMAGE_BYTES):
     zip_members.check_member(archive, info, limit, label)
     try:
         return archive.read(info)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:  # bad CRC or deflate stream,
-        # cut short, a compression method zipfile lacks
+    except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError) as err:  # bad CRC or deflate stream, cut
+        # short; RuntimeError: an encrypted member or a compression method zipfile lacks
         raise ValueError(f'{label}: corrupt zip member ({err})') from None
 
 
