@@ -130,8 +130,9 @@ def oversized_array(f):
     with zipfile.ZipFile(f) as archive:
         size = zip_members.archive_bytes(archive)
         for info in archive.infolist():
-            if info.compress_size > size:  # zipfile would reserve the declared bytes before reading
-                return f'{info.filename} declares {info.compress_size:,} compressed bytes in an archive of {size:,}'
+            overrun = zip_members.compressed_overrun(info, size)
+            if overrun:
+                return f'{info.filename} {overrun}'
             available = info.file_size if info.compress_type == zipfile.ZIP_STORED else \
                 min(info.file_size, DEFLATE_MAX_RATIO * info.compress_size + 1024)
             with archive.open(info) as member:

@@ -530,10 +530,9 @@ class _ZipMembers:
             raise pickle.UnpicklingError(f'{self.source}: {what} is missing from the archive') from None
 
     def read(self, info):
-        if info.compress_size > self.archive_bytes:  # (zip_members.py: zipfile would reserve that many bytes)
-            raise pickle.UnpicklingError(f'{self.source}: member {_short.repr(info.filename)} declares '
-                                         f'{info.compress_size:,} compressed bytes in an archive of '
-                                         f'{self.archive_bytes:,} bytes')
+        overrun = zip_members.compressed_overrun(info, self.archive_bytes)
+        if overrun:
+            raise pickle.UnpicklingError(f'{self.source}: member {_short.repr(info.filename)} {overrun}')
         if info.file_size > self.left:
             raise pickle.UnpicklingError(f'{self.source}: member {_short.repr(info.filename)} declares '
                                          f'{info.file_size:,} bytes; the archive of {self.archive_bytes:,} bytes may '

@@ -13,11 +13,19 @@ def archive_bytes(archive):
     return end
 
 
+def compressed_overrun(info, size):
+    """What is wrong when member `info` declares more compressed bytes than its archive of `size` bytes holds
+    (zipfile would reserve them all in one read), else None."""
+    if info.compress_size > size:
+        return f'declares {info.compress_size:,} compressed bytes in an archive of {size:,} bytes'
+    return None
+
+
 def check_member(archive, info, limit, label, size=None):
     """ValueError naming `label` unless member `info` fits in the archive (its compressed bytes) and inflates to
     at most `limit` bytes. `size`: archive_bytes(archive), when the caller has it."""
-    size = archive_bytes(archive) if size is None else size
-    if info.compress_size > size:
-        raise ValueError(f'{label}: declares {info.compress_size:,} compressed bytes in an archive of {size:,} bytes')
+    overrun = compressed_overrun(info, archive_bytes(archive) if size is None else size)
+    if overrun:
+        raise ValueError(f'{label}: {overrun}')
     if info.file_size > limit:
         raise ValueError(f'{label}: inflates to {info.file_size:,} bytes; at most {limit:,} are read per member')
